@@ -1,0 +1,1 @@
+"""Data: LLM-Adapters JSON sets, GLUE JSON Lines, prompts and batching."""

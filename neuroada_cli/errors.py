@@ -1,0 +1,8 @@
+"""User-facing errors: printed by the CLI as one line, exit code 2, never a traceback."""
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; the message names the bad value and the fix, on one line.
+
+    A ValueError, so library users of the method API can catch it as the usual bad-argument error.
+    """

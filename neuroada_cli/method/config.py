@@ -1,0 +1,59 @@
+"""NeuroAdaConfig: what to adapt and how. A plain validated dataclass, no Hydra."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import UserError
+
+SELECTIONS = ("magnitude", "reverse", "random", "gradient")
+IMPLS = ("fused", "reference")
+
+
+@dataclass
+class NeuroAdaConfig:
+    """Settings of one NeuroAda adapter.
+
+    k: connections kept per output neuron (row of W); the delta has d_out x k entries per layer.
+    target_modules: names of nn.Linear modules to adapt. An entry matches a module whose last name
+        component equals it (``q_proj``) or, if it contains regex characters, whose full dotted name
+        matches it entirely (``model\\.layers\\.\\d+\\.mlp\\..*``).
+    selection: magnitude (largest |W|, the paper), reverse (smallest |W|), random, gradient (largest
+        |dL/dW| over a few batches).
+    train_bias: also train the biases of the target layers.
+    modules_to_save: modules trained fully and saved with the adapter (e.g. a classification head).
+    seed: seed for random selection.
+    impl: fused (base weight kept merged in place, sparse backward) or reference (materialise
+        W + scatter(delta) every forward, the authors' approach; for tests and benchmarks).
+    """
+
+    k: int = 20
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    selection: str = "magnitude"
+    train_bias: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    seed: int = 0
+    impl: str = "fused"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        self.modules_to_save = list(self.modules_to_save or [])
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise UserError(f"neuroada k={self.k!r} is invalid; use a whole number >= 1 (the paper uses 1 or 20)")
+        if self.selection not in SELECTIONS:
+            raise UserError(f"neuroada selection={self.selection!r} is unknown; use one of {', '.join(SELECTIONS)}")
+        if self.impl not in IMPLS:
+            raise UserError(f"neuroada impl={self.impl!r} is unknown; use one of {', '.join(IMPLS)}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise UserError("neuroada target_modules is empty; name at least one nn.Linear, e.g. [q_proj, v_proj]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "NeuroAdaConfig":
+        known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
+        return cls(**known)

@@ -1,0 +1,252 @@
+"""Model-level operations: inject NeuroAda layers, merge / unmerge / unload, count parameters."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from . import selection
+from .config import NeuroAdaConfig
+from .layer import NeuroAdaLinear
+
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """A pattern matches a module's last name component, or (if it has regex characters) its full name."""
+    last = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if _REGEX_CHARS & set(pattern):
+            if re.fullmatch(pattern, name):
+                return True
+        elif last == pattern:
+            return True
+    return False
+
+
+def neuroada_layers(model: nn.Module) -> dict[str, NeuroAdaLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, NeuroAdaLinear)}
+
+
+def _saved_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
+    names = [name for name, _ in model.named_modules() if name and name_matches(name, patterns)]
+    # keep outermost matches only (a head and its inner layers are one saved module)
+    return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
+
+
+def find_targets(model: nn.Module, config: NeuroAdaConfig) -> dict[str, nn.Linear]:
+    """Target nn.Linear modules by name; every pattern must match something, every match must fit k."""
+    saved = _saved_module_names(model, config.modules_to_save)
+    targets, used = {}, set()
+    for name, module in model.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") for s in saved):
+            continue  # layers inside a fully trained module (e.g. a head's dense) are not bypassed
+        for pattern in config.target_modules:
+            if name_matches(name, [pattern]):
+                used.add(pattern)
+                if isinstance(module, NeuroAdaLinear):
+                    raise UserError(f"module {name!r} already has a NeuroAda adapter; inject once per model")
+                if not isinstance(module, nn.Linear):
+                    raise UserError(
+                        f"target {pattern!r} matched {name!r}, a {type(module).__name__}, not nn.Linear; "
+                        "name linear layers only"
+                    )
+                if module.in_features < config.k:
+                    raise UserError(
+                        f"neuroada k={config.k} exceeds the {module.in_features} inputs of layer {name!r}; "
+                        f"use k <= {module.in_features} or leave that layer out of target_modules"
+                    )
+                targets[name] = module
+    missing = [p for p in config.target_modules if p not in used]
+    if missing:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(
+            f"target_modules {missing} match no layer of this model; its linear layers are named {linear_names}"
+        )
+    return targets
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _gradient_scores(model: nn.Module, targets: dict[str, nn.Linear], batches, k: int) -> dict[str, torch.Tensor]:
+    """Top-k columns by |dL/dW| summed over batches, without parameter gradients.
+
+    Each target's dense gradient dY^T X is formed inside its own backward and folded at once: with one
+    batch straight into the top-k, so at most one layer's gradient exists at a time; with several
+    batches into a per-layer running sum (memory: one fp32 copy of the target weights).
+    """
+    batches = list(batches)
+    if not batches:
+        raise UserError("selection=gradient needs gradient_batches (a few training batches); none were given")
+    single = len(batches) == 1
+    result: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+
+    def fold(name: str, grad_w: torch.Tensor) -> None:
+        if single:
+            result[name] = selection.from_scores(grad_w, k)
+        elif name in sums:
+            sums[name] += grad_w
+        else:
+            sums[name] = grad_w.float()
+
+    class Score(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, anchor, name):
+            ctx.save_for_backward(x, weight)
+            ctx.name = name
+            return F.linear(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, weight = ctx.saved_tensors
+            flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+            fold(ctx.name, flat_grad.t().float() @ x.reshape(-1, x.shape[-1]).float())
+            grad_x = (flat_grad @ weight.to(flat_grad.dtype)).view(*grad_out.shape[:-1], -1).to(x.dtype)
+            return grad_x, None, None, None, None
+
+    # The anchor makes every target's output require grad, so backward reaches the first layer even
+    # though all parameters are frozen.
+    anchor = torch.zeros((), requires_grad=True)
+    originals = {}
+    for name, module in targets.items():
+        originals[name] = module.forward
+        module.forward = (lambda m, n: (lambda x: Score.apply(x, m.weight, m.bias, anchor, n)))(module, name)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the score should not depend on a random mask
+    try:
+        for batch in batches:
+            batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            output = model(**batch)
+            loss = getattr(output, "loss", None)
+            if loss is None:
+                raise UserError("selection=gradient needs batches with labels so that the model returns a loss")
+            loss.backward()
+    finally:
+        for name, module in targets.items():
+            module.forward = originals[name]
+        model.train(was_training)
+    for name, total in sums.items():
+        result[name] = selection.from_scores(total, k)
+    return result
+
+
+def inject(
+    model: nn.Module,
+    config: NeuroAdaConfig,
+    gradient_batches=None,
+    *,
+    indices: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Freeze ``model`` and wrap every target nn.Linear in a NeuroAdaLinear; returns the same model.
+
+    ``indices`` (layer name -> [d_out, k] columns) skips selection; load_adapter uses it.
+    """
+    targets = find_targets(model, config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if indices is None and config.selection == "gradient":
+        indices = _gradient_scores(model, targets, gradient_batches or [], config.k)
+    for name, module in targets.items():
+        if indices is not None:
+            if name not in indices:
+                raise UserError(f"the adapter has no indices for layer {name!r}; it was made for another model")
+            idx = indices[name]
+        elif config.selection == "magnitude":
+            idx = selection.magnitude(module.weight, config.k)
+        elif config.selection == "reverse":
+            idx = selection.reverse(module.weight, config.k)
+        else:
+            idx = selection.random_columns(*module.weight.shape, config.k, config.seed, name, module.weight.device)
+        _replace(model, name, NeuroAdaLinear(module, idx, impl=config.impl, train_bias=config.train_bias))
+    for saved in _saved_module_names(model, config.modules_to_save):
+        for param in model.get_submodule(saved).parameters():
+            param.requires_grad_(True)
+    if config.modules_to_save and not _saved_module_names(model, config.modules_to_save):
+        raise UserError(f"modules_to_save {config.modules_to_save} match no module of this model")
+    model.neuroada_config = config
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Bake every delta into its base weight (orig + delta in fp32, rounded once); forward = plain linear."""
+    for layer in neuroada_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore the base weights bitwise at the selected cells; the deltas are applied again."""
+    for layer in neuroada_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge and replace every NeuroAda layer by its plain nn.Linear: a standard model, zero overhead."""
+    for name, layer in neuroada_layers(model).items():
+        layer.merge()
+        _replace(model, name, layer.base_layer)
+    if hasattr(model, "neuroada_config"):
+        del model.neuroada_config
+    return model
+
+
+def set_impl(model: nn.Module, impl: str) -> nn.Module:
+    NeuroAdaConfig(impl=impl)  # validates the name
+    for layer in neuroada_layers(model).values():
+        layer.set_impl(impl)
+    return model
+
+
+@dataclass
+class ParameterCount:
+    """Counted the way the paper does: percent = 100 * trainable / the base model's own parameters."""
+
+    trainable: int
+    total: int
+    bypass: int
+    bias: int
+    head: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict:
+        return {"trainable": self.trainable, "total": self.total, "percent": self.percent,
+                "bypass": self.bypass, "bias": self.bias, "head": self.head}
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    layers = neuroada_layers(model)
+    delta_ids = {id(layer.neuroada_delta) for layer in layers.values()}
+    bias_ids = {id(layer.base_layer.bias) for layer in layers.values() if layer.base_layer.bias is not None}
+    config = getattr(model, "neuroada_config", None)
+    head_ids = set()
+    if config is not None:
+        for saved in _saved_module_names(model, config.modules_to_save):
+            head_ids |= {id(p) for p in model.get_submodule(saved).parameters()}
+    total = trainable = bypass = bias = head = 0
+    for param in model.parameters():  # parameters() yields each shared tensor once
+        n = param.numel()
+        if id(param) not in delta_ids:
+            total += n
+        if not param.requires_grad:
+            continue
+        trainable += n
+        if id(param) in delta_ids:
+            bypass += n
+        elif id(param) in head_ids:
+            head += n
+        elif id(param) in bias_ids:
+            bias += n
+    return ParameterCount(trainable=trainable, total=total, bypass=bypass, bias=bias, head=head)
