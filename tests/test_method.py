@@ -165,6 +165,20 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fused, (x, delta, bias), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sddmm_strategies_agree_with_dense_product(dtype):
+    from neuroada_cli.method.layer import _sddmm_gather, _sddmm_sparse, sampled_delta_grad
+
+    torch.manual_seed(0)
+    grad_out, inputs = torch.randn(37, 11, dtype=dtype), torch.randn(37, 23, dtype=dtype)
+    idx = torch.sort(torch.stack([torch.randperm(23)[:4] for _ in range(11)]), dim=1).values
+    dense = (grad_out.t() @ inputs).gather(1, idx)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for strategy in (_sddmm_gather, _sddmm_sparse, sampled_delta_grad):
+        torch.testing.assert_close(strategy(grad_out, inputs, idx), dense, **tol)
+    assert sampled_delta_grad(grad_out.bfloat16(), inputs.bfloat16(), idx).dtype == torch.float32
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_equals_unmerged_and_unmerge_restores_bitwise(arch):
     inputs = batch(arch)

@@ -1,0 +1,66 @@
+"""Ways to compute the NeuroAda delta gradient g[r, j] = sum_t dY[t, r] X[t, idx[r, j]] on this machine.
+
+Compares, interleaved in one run, for the layer shapes of the step benchmark: the dense weight
+gradient dY^T X (what masked tuning and the authors' code pay), torch.sparse.sampled_addmm (our
+default), and the chunked gather + bmm fallback. Times are medians, reported as ratios to the dense
+product.   python scripts/bench_sddmm.py [--tokens 1024] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from neuroada_cli.method import selection
+from neuroada_cli.method.layer import _sddmm_gather, _sddmm_sparse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [(2048, 2048), (5504, 2048), (2048, 5504)]
+    rows = []
+    for d_out, d_in in shapes:
+        grad_out, inputs = torch.randn(args.tokens, d_out), torch.randn(args.tokens, d_in)
+        for k in (1, 20):
+            idx = selection.magnitude(torch.randn(d_out, d_in), k)
+            strategies = {
+                "dense dW": lambda: grad_out.t() @ inputs,
+                "sampled_addmm": lambda: _sddmm_sparse(grad_out, inputs, idx),
+                "gather+bmm": lambda: _sddmm_gather(grad_out, inputs, idx),
+            }
+            times = {name: [] for name in strategies}
+            for fn in strategies.values():
+                fn()  # warm-up
+            for _ in range(args.repeats):  # interleaved, so load changes hit all strategies alike
+                for name, fn in strategies.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            dense = statistics.median(times["dense dW"])
+            rows.append({"shape": f"{d_out}x{d_in}", "k": k,
+                         **{name: statistics.median(t) / dense for name, t in times.items()}})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"delta-gradient cost as a fraction of the dense dW, {args.tokens} tokens, fp32")
+    for column in ("d_out x d_in", "k", "sampled_addmm", "gather+bmm"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["shape"], str(row["k"]), f"{row['sampled_addmm']:.3f}", f"{row['gather+bmm']:.3f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Step time and peak memory of one training step, NeuroAda against its alternatives.
+
+Every variant runs in its own process on the same random Llama and batch, and is reported as a ratio
+to the floor: the frozen model with input gradients only (the least any adapter method must pay).
+
+  floor      frozen base, backward for input gradients only, no optimizer
+  neuroada   ours: fused layer (W kept merged in place, sparse delta gradient), AdamW on the deltas
+  reference  NeuroAda materialising W + scatter(delta) every forward (the authors' approach)
+  masked     in-place sparse tuning: full W trainable, gradient masked to the selected cells, AdamW on W
+  lora       peft LoRA, r=8, on the same target modules
+
+Peak memory is the peak RSS during the measured steps above the RSS right after set-up (Linux:
+VmHWM is reset through /proc/self/clear_refs). Usage:
+
+  python scripts/bench_train_step.py                      # defaults of the issue: 4 x 2048/5504, 4 x 256
+  python scripts/bench_train_step.py --layers 2 --hidden 512 --intermediate 1376 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def run_variant(args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                         num_key_value_heads=args.hidden // 128, max_position_embeddings=args.seq)
+    model = LlamaForCausalLM(config)
+    model.train()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    variant, k = args.variant, args.k[0]
+    optimizer = None
+    if variant == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    elif variant in ("neuroada", "reference"):
+        from neuroada_cli import NeuroAdaConfig, inject
+
+        inject(model, NeuroAdaConfig(k=k, target_modules=TARGETS, impl="fused" if variant == "neuroada" else "reference"))
+    elif variant == "masked":
+        from neuroada_cli.method import selection
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                idx = selection.magnitude(module.weight, k)
+                mask = torch.zeros_like(module.weight, dtype=torch.bool)
+                mask.scatter_(1, idx, True)
+                module.weight.requires_grad_(True)
+                module.weight.register_hook(lambda grad, mask=mask: grad * mask)
+    elif variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    embeddings = model.get_input_embeddings()
+
+    def step():
+        if variant == "floor":
+            embeds = embeddings(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    baseline = rss_kb("VmRSS")
+    reset_peak()
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = rss_kb("VmHWM") - baseline
+    return {"variant": variant, "k": k if variant not in ("floor", "lora") else None,
+            "step_s": statistics.median(times), "peak_mb": peak / 1024,
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5504)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    plan = [("floor", 0)]
+    for k in args.k:
+        plan += [("neuroada", k), ("reference", k), ("masked", k)]
+    plan.append(("lora", 0))
+    results = []
+    for variant, k in plan:
+        command = [sys.executable, __file__, "--variant", variant, "--k", str(k or 1)] + [
+            f"--{name}={getattr(args, name)}" for name in
+            ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps", "warmup")]
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  measured {variant} k={k or '-'}", file=sys.stderr)
+    floor = results[0]
+    for row in results:
+        row["time_x_floor"] = row["step_s"] / floor["step_s"]
+        row["mem_x_floor"] = row["peak_mb"] / floor["peak_mb"]
+        masked = next((r for r in results if r["variant"] == "masked" and r["k"] == row["k"]), None)
+        row["mem_x_masked"] = row["peak_mb"] / masked["peak_mb"] if masked and row["variant"] == "neuroada" else None
+    setup = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps")}
+    if args.json:
+        print(json.dumps({"setup": setup, "results": results}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"train step, random Llama {setup}, fp32 CPU")
+    for column in ("variant", "k", "trainable", "step x floor", "peak mem x floor", "mem x masked"):
+        table.add_column(column, justify="right")
+    for row in results:
+        table.add_row(row["variant"], str(row["k"] or "-"), f"{row['trainable']:,}", f"{row['time_x_floor']:.3f}",
+                      f"{row['mem_x_floor']:.3f}", f"{row['mem_x_masked']:.3f}" if row["mem_x_masked"] else "")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
