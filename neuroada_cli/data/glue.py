@@ -1,0 +1,333 @@
+"""GLUE for sequence classification: the task table, loading, the LoReFT split, tokenisation and batches.
+
+API (everything a GLUE train/eval integration needs from the data side)::
+
+    GLUE_TASKS: dict[str, GlueTask]          # cola sst2 mrpc qqp stsb mnli qnli rte
+    glue_task(name) -> GlueTask               # "rte", "glue/rte", "RTE", "sts-b" ...; UserError if unknown
+    load_split(task, split, data_dir=None) -> list[dict]
+    loreft_split(rows, seed=42) -> (selection_rows, report_rows)
+    loreft_split_indices(n, seed=42) -> (selection_indices, report_indices)
+    encode(rows, tokenizer, task, max_length) -> list[dict]
+    collate_classification(examples, pad_id, regression=None) -> dict[str, torch.Tensor]
+    length_sorted_batches(examples, batch_size) -> list[list[int]]
+
+Data layout: ``<data dir>/glue/<task>/<split>.jsonl`` or ``.jsonl.gz``, one JSON object per line with
+the Hugging Face ``glue`` columns and label encodings (see GlueTask.text_columns / label_names;
+stsb labels are floats in 0..5). ``idx`` is kept as stored (in the packaged sample it is the row's
+index in the full split); rows without one get their position. When the file is missing and the
+hub is allowed (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset) the split is fetched with
+``datasets.load_dataset("nyu-mll/glue", task)`` (the hub's current name of ``glue``); otherwise
+a one-line UserError names the expected path.
+
+The LoReFT protocol (what pyreft's and the NeuroAda authors' GLUE runs report), read in
+stanfordnlp/pyreft ``examples/loreft/train.py`` and FightingFighting/NeuroAda ``train_our.py``
+(``build_dataset``, commit 0ed987c4):
+
+* ``set_seed(seed)`` is the first thing the run does; nothing draws from torch's CPU generator
+  before the split (tokenizer and dataset loading do not), so the split depends on the run seed.
+* the validation split named by ``-test_split`` (``validation``; ``validation_matched`` for MNLI)
+  is cut with ``torch.utils.data.random_split(ds, [n - m, m])``, m = 1000 if n > 5000 else n // 2.
+  random_split draws ``torch.randperm(n)``: the first n - m permuted indices are the report part
+  ("in_test", where the published score is computed), the last m the model-selection part
+  ("in_train", evaluated every epoch; the best epoch by the task's primary metric is kept).
+* ``loreft_split_indices`` reproduces this with a private generator seeded like the global one
+  (same Mersenne-Twister stream, so the same permutation), without touching global RNG state.
+
+Choices made here (documented, not in the sources): each part is returned in file order (pyreft
+iterates in permutation order; no metric depends on order). MNLI: pyreft only ever splits
+validation_matched; we apply the same rule to validation_mismatched too, so both MNLI scores come
+from rows the selection never saw in the same proportion. The split is for the run seed: pass
+trainer.seed, not a constant, to match a pyreft run with that seed.
+
+Tokenisation follows pyreft's LoReftGLUEDataset: ``tokenizer(s1[, s2], truncation=True,
+max_length=max_length)`` (pair API, longest_first truncation; LoReFT uses max_length 256). pyreft
+appends one masked pad token and uses unk as pad; neither changes logits, so we pad normally.
+We keep ``token_type_ids`` when the tokenizer returns them: BERT-family models (MiniLM) use
+segment ids for sentence pairs, RoBERTa's tokenizer does not return them.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+HUB_DATASET = "nyu-mll/glue"
+SELECTION_SIZE_LARGE = 1000      # selection rows when a validation split has more than ...
+LARGE_SPLIT_THRESHOLD = 5000     # ... this many rows; otherwise half (rounded down) is selection
+STSB_RANGE = (0.0, 5.0)
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    text_columns: tuple[str, ...]          # one column, or a sentence pair fed to the pair API
+    num_labels: int                        # 1 = regression (stsb)
+    label_names: tuple[str, ...]           # HF ClassLabel names; () for stsb
+    metrics: tuple[str, ...]               # keys glue_metrics() returns, as evaluate's "glue" names them
+    primary_metric: str                    # model selection and the reported number
+    train_split: str = "train"
+    validation_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)  # labels hidden (-1): loading them is a UserError
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def selection_split(self) -> str:
+        """The validation split LoReFT cuts for model selection (mnli: validation_matched)."""
+        return self.validation_splits[0]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return (self.train_split, *self.validation_splits, *self.test_splits)
+
+
+_ACC = ("accuracy",)
+_ACC_F1 = ("accuracy", "f1", "combined_score")
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("cola", ("sentence",), 2, ("unacceptable", "acceptable"),
+                     ("matthews_correlation",), "matthews_correlation"),
+    "sst2": GlueTask("sst2", ("sentence",), 2, ("negative", "positive"), _ACC, "accuracy"),
+    "mrpc": GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("not_equivalent", "equivalent"),
+                     _ACC_F1, "accuracy"),
+    "qqp": GlueTask("qqp", ("question1", "question2"), 2, ("not_duplicate", "duplicate"),
+                    _ACC_F1, "accuracy"),
+    "stsb": GlueTask("stsb", ("sentence1", "sentence2"), 1, (),
+                     ("pearson", "spearmanr", "combined_score"), "pearson"),
+    "mnli": GlueTask("mnli", ("premise", "hypothesis"), 3, ("entailment", "neutral", "contradiction"),
+                     _ACC, "accuracy", validation_splits=("validation_matched", "validation_mismatched"),
+                     test_splits=("test_matched", "test_mismatched")),
+    "qnli": GlueTask("qnli", ("question", "sentence"), 2, ("entailment", "not_entailment"), _ACC, "accuracy"),
+    "rte": GlueTask("rte", ("sentence1", "sentence2"), 2, ("entailment", "not_entailment"), _ACC, "accuracy"),
+}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli-mm": "mnli"}
+
+# Splits absent from the shared data bundle (/work/shared/data/README.md, "Missing"): named in
+# the error so a user does not hunt for a file that was never shipped.
+NOT_IN_SHARED_DATA = {
+    ("mnli", "train"), ("mnli", "validation_matched"), ("mnli", "validation_mismatched"),
+    ("qqp", "train"), ("qqp", "validation"), ("qnli", "train"),
+}
+
+
+def glue_task(name: str) -> GlueTask:
+    """The task for ``name`` ("rte", "glue/rte", "RTE", "sts-b"); UserError listing valid tasks."""
+    key = str(name).strip().lower()
+    key = key[len("glue/"):] if key.startswith("glue/") else key
+    key = _ALIASES.get(key, key)
+    if key not in GLUE_TASKS:
+        raise UserError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def _hub_allowed() -> bool:
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return not any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in offline)
+
+
+def split_path(data_dir: str | os.PathLike, task: str, split: str) -> Path | None:
+    """The existing ``glue/<task>/<split>.jsonl`` (preferred) or ``.jsonl.gz``, else None."""
+    folder = Path(data_dir) / "glue" / glue_task(task).name
+    for suffix in (".jsonl", ".jsonl.gz"):
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def _check_label(spec: GlueTask, label, where: str):
+    """The label as int (classification) or float (stsb); UserError naming ``where`` if invalid."""
+    if spec.is_regression:
+        ok = isinstance(label, (int, float)) and not isinstance(label, bool) and math.isfinite(label)
+        if not ok or not STSB_RANGE[0] <= label <= STSB_RANGE[1]:
+            raise UserError(f"{where}: label {label!r} is outside stsb's range 0..5 (a float similarity score)")
+        return float(label)
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)  # e.g. 1.0 written by pandas
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < spec.num_labels:
+        hint = " (GLUE test labels are hidden as -1; use a validation split)" if label == -1 else ""
+        raise UserError(f"{where}: label {label!r} is outside {spec.name}'s range 0..{spec.num_labels - 1} "
+                        f"({', '.join(spec.label_names)}){hint}")
+    return label
+
+
+def _validate_row(spec: GlueTask, row, where: str, position: int) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for column in spec.text_columns:
+        if not isinstance(row.get(column), str):
+            raise UserError(f"{where}: missing text column {column!r} (a {spec.name} row needs "
+                            f"{', '.join(spec.text_columns)}, label)")
+    if "label" not in row:
+        raise UserError(f"{where}: missing 'label'")
+    clean = {column: row[column] for column in spec.text_columns}
+    clean["label"] = _check_label(spec, row["label"], where)
+    clean["idx"] = int(row["idx"]) if isinstance(row.get("idx"), int) else position
+    return clean
+
+
+def _read_jsonl(path: Path, spec: GlueTask) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: line {number} is not valid JSON ({err.msg}); "
+                                    "expected one JSON object per line") from None
+                rows.append(_validate_row(spec, row, f"{path}: line {number}", len(rows)))
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise UserError(f"{path}: cannot be read ({err}); expected UTF-8 JSON Lines, optionally gzipped") from None
+    return rows
+
+
+def _load_from_hub(spec: GlueTask, split: str, expected: Path) -> list[dict]:
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(HUB_DATASET, spec.name, split=split)
+    except Exception as err:  # network, auth, cache: all mean "not available here"
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"GLUE {spec.name}/{split} is not at {expected}(.gz) and the hub download failed "
+                        f"({reason}); put the file there or set data.dir=PATH") from None
+    where = f"hub {HUB_DATASET}/{spec.name}/{split}"
+    return [_validate_row(spec, row, f"{where}: row {i}", i) for i, row in enumerate(dataset)]
+
+
+def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Rows ``{<text columns>, label, idx}`` of one GLUE split, validated.
+
+    ``data_dir`` None resolves like the CLI (``$NEUROADA_DATA_DIR``, else the packaged sample).
+    Local ``glue/<task>/<split>.jsonl(.gz)`` wins; the hub is tried only when it is missing and
+    the hub is allowed. Every problem is a one-line UserError naming the file and line.
+    """
+    from ..paths import data_dir as resolve_data_dir
+
+    spec = glue_task(task)
+    if split not in spec.splits:
+        raise UserError(f"GLUE {spec.name} has no split {split!r}; valid splits: {', '.join(spec.splits)}")
+    root = resolve_data_dir(data_dir)
+    path = split_path(root, spec.name, split)
+    if path is not None:
+        return _read_jsonl(path, spec)
+    expected = root / "glue" / spec.name / f"{split}.jsonl"
+    if _hub_allowed():
+        return _load_from_hub(spec, split, expected)
+    absent = (" (not in the shared data bundle: it has no MNLI, QQP or QNLI train)"
+              if (spec.name, split) in NOT_IN_SHARED_DATA else "")
+    raise UserError(f"GLUE {spec.name}/{split} not found: expected {expected}(.gz){absent}; put the HF glue "
+                    "JSONL there, set data.dir/NEUROADA_DATA_DIR to a folder with glue/<task>/<split>.jsonl, "
+                    "or unset HF_HUB_OFFLINE to fetch it from the hub")
+
+
+# ------------------------------------------------------------------------------- the LoReFT split
+
+def loreft_selection_size(n: int) -> int:
+    """Rows of a validation split of ``n`` rows that go to model selection (pyreft's rule)."""
+    return SELECTION_SIZE_LARGE if n > LARGE_SPLIT_THRESHOLD else n // 2
+
+
+def loreft_split_indices(n: int, seed: int = 42) -> tuple[list[int], list[int]]:
+    """(selection, report) row indices, each ascending; pyreft's random_split after set_seed(seed)."""
+    import torch
+
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    selection_size = loreft_selection_size(n)
+    generator = torch.Generator().manual_seed(int(seed))  # same stream as torch.manual_seed(seed)
+    permutation = torch.randperm(n, generator=generator).tolist()
+    report, selection = permutation[: n - selection_size], permutation[n - selection_size:]
+    return sorted(selection), sorted(report)
+
+
+def loreft_split(rows: list, seed: int = 42) -> tuple[list, list]:
+    """(selection_rows, report_rows): disjoint, together all rows, each in file order.
+
+    Select the checkpoint on ``selection_rows``; report the metric on ``report_rows``.
+    """
+    selection, report = loreft_split_indices(len(rows), seed)
+    return [rows[i] for i in selection], [rows[i] for i in report]
+
+
+# ------------------------------------------------------------------------- tokenisation, batches
+
+def encode(rows: list[dict], tokenizer, task: str, max_length: int) -> list[dict]:
+    """Tokenise rows in one batched call: ``{input_ids, attention_mask, [token_type_ids], labels, idx}``.
+
+    Sentence pairs go through the tokenizer's pair API (special tokens and segment ids as the
+    model was pretrained); ``labels`` is a float for stsb, an int otherwise.
+    """
+    spec = glue_task(task)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 8:
+        raise UserError(f"data.max_length={max_length!r} is too small for GLUE; use an integer >= 8 (LoReFT: 256)")
+    if not rows:
+        return []
+    columns = [[row[column] for row in rows] for column in spec.text_columns]
+    batch = tokenizer(*columns, truncation=True, max_length=max_length)
+    keep = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch]
+    examples = []
+    for i, row in enumerate(rows):
+        example = {key: list(batch[key][i]) for key in keep}
+        example["labels"] = float(row["label"]) if spec.is_regression else int(row["label"])
+        example["idx"] = row.get("idx", i)
+        examples.append(example)
+    return examples
+
+
+def collate_classification(examples: list[dict], pad_id: int, regression: bool | None = None) -> dict:
+    """Right-pad to the longest example: input_ids, attention_mask, [token_type_ids], labels.
+
+    Labels are float32 for regression (stsb), int64 otherwise; ``regression`` None infers it from
+    the label values (encode() gives stsb float labels). ``idx`` stays out: the batch goes to
+    ``model(**batch)`` as is.
+    """
+    import torch
+
+    if not examples:
+        raise ValueError("collate_classification needs at least one example")
+    width = max(len(example["input_ids"]) for example in examples)
+    count = len(examples)
+    input_ids = torch.full((count, width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((count, width), dtype=torch.long)
+    with_types = all("token_type_ids" in example for example in examples)
+    token_type_ids = torch.zeros((count, width), dtype=torch.long) if with_types else None
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
+        # The mask marks real tokens even when pad_id also occurs as a real token (unk-as-pad).
+        attention_mask[row, :length] = 1
+        if token_type_ids is not None:
+            token_type_ids[row, :length] = torch.tensor(example["token_type_ids"], dtype=torch.long)
+    labels = [example["labels"] for example in examples]
+    if regression is None:
+        regression = any(isinstance(label, float) for label in labels)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = token_type_ids
+    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+    return batch
+
+
+def length_sorted_batches(examples: list, batch_size: int) -> list[list[int]]:
+    """Eval batches as index lists, longest first, so each batch pads little.
+
+    ``examples`` are encoded examples (dicts with input_ids) or plain lengths. Put predictions
+    back with the indices: ``preds[i] for batch in batches for i in batch`` are in that order.
+    Longest first also surfaces an out-of-memory batch at once, not at the end.
+    """
+    if batch_size < 1:
+        raise UserError(f"eval.batch_size={batch_size!r} must be >= 1")
+    lengths = [e if isinstance(e, int) else len(e["input_ids"]) for e in examples]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
