@@ -117,11 +117,9 @@ class NeuroAdaLinear(nn.Module):
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
         idx = idx.to(device=weight.device, dtype=torch.long)
-        rows = torch.arange(d_out, device=weight.device).unsqueeze(1).expand(d_out, self.k)
         # Buffers, not parameters: they follow .to(device) but are saved only through save_adapter.
         self.register_buffer("neuroada_idx", idx, persistent=False)
-        self.register_buffer("neuroada_rows", rows, persistent=False)
-        self.register_buffer("neuroada_orig", weight.detach()[rows, idx].clone(), persistent=False)
+        self.register_buffer("neuroada_orig", weight.detach().gather(1, idx).clone(), persistent=False)
         self.neuroada_delta = nn.Parameter(torch.zeros(d_out, self.k, dtype=torch.float32, device=weight.device))
         self.merged = False  # True after merge(): delta baked into W, no longer applied or trained
         self._synced_version = None  # delta version last written into W by the fused path
@@ -146,9 +144,15 @@ class NeuroAdaLinear(nn.Module):
         """orig + delta in fp32, rounded once to W's dtype."""
         return (self.neuroada_orig.float() + self.neuroada_delta.detach()).to(self.base_layer.weight.dtype)
 
+    def flat_indices(self) -> torch.Tensor:
+        """Positions of the selected cells in W.view(-1) (computed, not stored: saves 8 bytes a cell)."""
+        d_out, d_in = self.base_layer.weight.shape
+        rows = torch.arange(d_out, device=self.neuroada_idx.device).unsqueeze(1) * d_in
+        return (rows + self.neuroada_idx).reshape(-1)
+
     @torch.no_grad()
     def _write_cells(self, values: torch.Tensor) -> None:
-        self.base_layer.weight.index_put_((self.neuroada_rows, self.neuroada_idx), values)
+        self.base_layer.weight.view(-1).index_copy_(0, self.flat_indices(), values.reshape(-1))
 
     def _sync_fused(self) -> None:
         """Write orig + delta into W if the delta changed since the last write (cheap: d_out x k cells)."""
@@ -186,7 +190,7 @@ class NeuroAdaLinear(nn.Module):
             return base(x)
         if self.impl == "reference":
             update = torch.zeros(base.weight.shape, dtype=torch.float32, device=base.weight.device)
-            update = update.index_put((self.neuroada_rows, self.neuroada_idx), self.neuroada_delta)
+            update = update.scatter(1, self.neuroada_idx, self.neuroada_delta)
             weight = (base.weight.float() + update).to(base.weight.dtype)
             return F.linear(x, weight, base.bias)
         self._sync_fused()
