@@ -1,0 +1,341 @@
+"""Eval orchestration: tasks -> predictions/<task>.jsonl + results.json + a rich table.
+
+``evaluate(model, tokenizer, tasks, ...)`` runs already-loaded models (the train loop can call it);
+``run_eval_from_config(cfg, ...)`` is what ``neuroada eval`` calls: it loads the base model, applies an
+adapter, merges it (fp32) when ``eval.merge`` is true, and evaluates ``eval.tasks`` or the suite of
+``task.eval_suite``.
+
+Resumability: each task's predictions file and its entry in results.json are written atomically
+(temp file + rename) as soon as the task finishes. On a re-run, a task is skipped when its entry
+is marked done, was made with the same settings (scoring, rule, max_new_tokens, limit, data file,
+n) and its predictions file holds exactly n lines.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import UserError
+from .base import EvalOptions, EvalTask, TaskData
+from .registry import get_task, resolve_tasks
+
+RESULTS_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return -1
+    with open(path, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def read_results(output_dir: Path) -> dict:
+    """The existing results.json of ``output_dir`` (an empty skeleton when absent or unreadable)."""
+    path = Path(output_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(results, dict) and isinstance(results.get("tasks"), dict):
+            return results
+    except (OSError, json.JSONDecodeError):
+        pass
+    return {"format": RESULTS_FORMAT, "tasks": {}}
+
+
+def suite_averages(task_entries: dict[str, dict]) -> dict[str, dict]:
+    """Mean of the primary metric per suite over the finished tasks, and whether the suite is complete."""
+    from .registry import suite_tasks
+
+    grouped: dict[str, list[str]] = {}
+    for name, entry in task_entries.items():
+        if entry.get("done"):
+            grouped.setdefault(entry["suite"], []).append(name)
+    averages = {}
+    for suite, members in grouped.items():
+        try:
+            expected = {task.name for task in suite_tasks(suite)}
+        except UserError:
+            expected = set(members)
+        averages[suite] = {
+            "metric": task_entries[members[0]]["metric"],
+            "average": sum(task_entries[m]["value"] for m in members) / len(members),
+            "tasks": members,
+            "suite_size": len(expected),
+            "complete": expected <= set(members),
+        }
+    return averages
+
+
+# ------------------------------------------------------------------------------------ the runner
+def _task_settings(task: EvalTask, options: EvalOptions, data: TaskData, limit: int | None, model: dict) -> dict:
+    # The model identity is part of it, so results of another model/adapter in the same folder are redone.
+    return {**task.settings(options), "limit": limit, "n": len(data.examples), "data_file": str(data.path),
+            "model": model}
+
+
+def _resumable(entry: dict | None, settings: dict, predictions: Path) -> bool:
+    return bool(entry) and entry.get("done") is True and entry.get("settings") == settings \
+        and _count_lines(predictions) == settings["n"]
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
+    )
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[str | EvalTask],
+    *,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    limit: int | None = None,
+    batch_size: int = 16,
+    scoring: str = "generate",
+    max_new_tokens: int | None = None,
+    commonsense_rule: str = "trigger",
+    aqua_rule: str = "authors",
+    progress: bool = True,
+    run_info: dict | None = None,
+    console=None,
+) -> dict:
+    """Evaluate ``tasks`` (names or task objects), write the outputs and return the results dict."""
+    from rich.console import Console
+
+    console = console or Console()
+    options = EvalOptions(batch_size=batch_size, scoring=scoring, max_new_tokens=max_new_tokens,
+                          commonsense_rule=commonsense_rule, aqua_rule=aqua_rule).validate()
+    chosen = [get_task(task) if isinstance(task, str) else task for task in tasks]
+    if not chosen:
+        raise UserError("no eval tasks given; set eval.tasks=[boolq,piqa] or task.eval_suite")
+    for task in chosen:  # every user mistake surfaces before any model time is spent
+        task.check(options)
+    loaded = {task.name: task.load(Path(data_dir), limit) for task in chosen}
+
+    output_dir = Path(output_dir)
+    predictions_dir = output_dir / "predictions"
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    results = read_results(output_dir)
+    results.update({
+        "format": RESULTS_FORMAT,
+        "model": dict(run_info or {}),
+        "data_dir": str(data_dir),
+        "options": {"limit": limit, "batch_size": batch_size, "scoring": scoring, "max_new_tokens": max_new_tokens,
+                    "commonsense_rule": commonsense_rule, "aqua_rule": aqua_rule},
+    })
+    ran: list[str] = []
+    with _progress(progress, console) as bar:
+        for task in chosen:
+            data = loaded[task.name]
+            settings = _task_settings(task, options, data, limit, results["model"])
+            predictions_path = predictions_dir / f"{task.name}.jsonl"
+            if _resumable(results["tasks"].get(task.name), settings, predictions_path):
+                results["tasks"][task.name]["resumed"] = True
+                ran.append(task.name)
+                continue
+            bar_id = bar.add_task(task.name, total=len(data.examples), rate="")
+            started = time.perf_counter()
+
+            def advance(n: int, bar_id=bar_id, started=started) -> None:
+                bar.advance(bar_id, n)
+                done = bar.tasks[bar.task_ids.index(bar_id)].completed
+                bar.update(bar_id, rate=f"{done / max(time.perf_counter() - started, 1e-9):.2f} ex/s")
+
+            records = task.predict(model, tokenizer, data.examples, options, advance)
+            seconds = time.perf_counter() - started
+            metrics = task.score(records)
+            write_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            results["tasks"][task.name] = {
+                "suite": task.suite,
+                "n": len(records),
+                "metric": task.metric,
+                "value": metrics[task.metric],
+                "metrics": metrics,
+                "rule": settings.get("rule"),
+                "scoring": options.scoring,
+                "max_new_tokens": settings.get("max_new_tokens"),
+                "limit": limit,
+                "data_file": str(data.path),
+                "approx": data.approx,
+                "settings": settings,
+                "done": True,
+                "seconds": round(seconds, 3),
+                "examples_per_second": round(len(records) / seconds, 3) if seconds > 0 else None,
+                "finished_at": _now(),
+            }
+            results["suites"] = suite_averages(results["tasks"])
+            results["timestamp"] = _now()
+            write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            ran.append(task.name)
+    results["suites"] = suite_averages(results["tasks"])
+    results["timestamp"] = _now()
+    write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    console.print(results_table(results, ran))
+    console.print(f"results: {output_dir / 'results.json'}")
+    return results
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def results_table(results: dict, names: Sequence[str]):
+    """A rich table of ``names`` (task rows) followed by the suite averages."""
+    from rich.table import Table
+
+    table = Table(title="neuroada eval")
+    for column, justify in (("task", "left"), ("n", "right"), ("metric", "left"), ("value", "right"),
+                            ("rule", "left"), ("scoring", "left")):
+        table.add_column(column, justify=justify)
+    for name in names:
+        entry = results["tasks"][name]
+        label = name + (" (approx data)" if entry.get("approx") else "") + (" (resumed)" if entry.get("resumed") else "")
+        table.add_row(label, str(entry["n"]), entry["metric"], f"{100 * entry['value']:.2f}",
+                      str(entry.get("rule")), str(entry.get("scoring")))
+    suites = {results["tasks"][name]["suite"] for name in names}
+    for suite, info in results.get("suites", {}).items():
+        if suite in suites:
+            note = "" if info["complete"] else f" ({len(info['tasks'])}/{info['suite_size']} tasks)"
+            table.add_row(f"[bold]{suite} average{note}", "", info["metric"], f"[bold]{100 * info['average']:.2f}", "", "")
+    return table
+
+
+# ------------------------------------------------------------------------------ config-level entry
+def _value(cfg, dotted: str, default=None):
+    """``cfg.a.b`` for a DictConfig or a plain dict, ``default`` when any part is missing."""
+    node = cfg
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def default_output_dir(explicit: str | None, run_dir: str | os.PathLike | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    if run_dir is not None:
+        return Path(run_dir) / "eval"
+    return Path("outputs") / "eval" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _fingerprint(folder: str | os.PathLike | None) -> str | None:
+    """Size and mtime of the adapter's files: a retrained adapter at the same path is not "the same"."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(folder).iterdir() if p.is_file())
+    return ";".join(f"{name}:{size}:{mtime}" for name, size, mtime in stats)
+
+
+def prepare_model(cfg, *, adapter: str | os.PathLike | None, model=None, tokenizer=None):
+    """(model, tokenizer, info): the base model with the run's adapter applied and merged if asked."""
+    from .. import neuroada_layers, unload
+
+    method = _value(cfg, "method", "neuroada")
+    name_or_path = _value(cfg, "model.name_or_path")
+    if model is None:
+        from ..models import load_model_and_tokenizer
+
+        source = str(adapter) if method == "full" and adapter is not None else name_or_path
+        model, tokenizer = load_model_and_tokenizer(
+            source, kind=_value(cfg, "task.kind", "causal_lm"), dtype=_value(cfg, "model.dtype", "float32"),
+            gguf_file=None if source != name_or_path else _value(cfg, "model.gguf_file"),
+            family=_value(cfg, "model.family", "auto"), num_labels=_value(cfg, "task.num_labels"),
+            problem_type=_value(cfg, "task.problem_type"),
+        )
+    if tokenizer is None:
+        raise ValueError("prepare_model: pass tokenizer together with model")
+    if adapter is not None and method != "full":
+        adapter_path = Path(adapter)
+        if not adapter_path.is_dir():
+            raise UserError(f"adapter {str(adapter)!r} not found; pass the adapter/ folder of a training run")
+        if method == "lora":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+        else:
+            from .. import load_adapter
+
+            model = load_adapter(model, adapter_path)
+    merge = bool(_value(cfg, "eval.merge", True))
+    merged = False
+    if merge and neuroada_layers(model):
+        model = unload(model)  # deltas added to the base weights in fp32, plain transformers model
+        merged = True
+    elif merge and hasattr(model, "merge_and_unload"):  # PEFT LoRA baseline
+        model = model.merge_and_unload()
+        merged = True
+    info = {"name_or_path": name_or_path, "dtype": _value(cfg, "model.dtype"), "method": method,
+            "adapter": str(adapter) if adapter is not None else None, "adapter_files": _fingerprint(adapter),
+            "merged": merged, "recipe": _value(cfg, "recipe")}
+    return model, tokenizer, info
+
+
+def run_eval_from_config(
+    cfg,
+    *,
+    adapter: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    console=None,
+) -> dict:
+    """``neuroada eval``: resolve tasks and data first (fast one-line errors), then load, merge, evaluate.
+
+    ``adapter`` (default ``eval.adapter``, which the CLI sets): an adapter folder (NeuroAda ``adapter/``;
+    the PEFT folder for method=lora; the saved model folder for method=full); none = the base model.
+    ``run_dir`` (default ``eval.run_dir``): the training run, recorded in results.json and giving the
+    default output folder ``<run>/eval``. ``model``/``tokenizer``: an in-memory model (e.g. right after
+    training) instead of loading ``cfg.model``; it is merged in place when ``eval.merge`` is true.
+    """
+    from .. import paths
+
+    e = cfg["eval"]
+    adapter = adapter if adapter is not None else _value(cfg, "eval.adapter")
+    run_dir = run_dir if run_dir is not None else _value(cfg, "eval.run_dir")
+    data_dir = paths.data_dir(_value(cfg, "data.dir"))
+    tasks = resolve_tasks(_value(cfg, "eval.tasks"), _value(cfg, "task.eval_suite"))
+    options = EvalOptions(batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
+                          commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"]).validate()
+    for task in tasks:
+        task.check(options)
+        task.load(data_dir, 1)  # the test file exists and parses
+    model, tokenizer, info = prepare_model(cfg, adapter=adapter, model=model, tokenizer=tokenizer)
+    if run_dir is not None:
+        info["run_dir"] = str(run_dir)
+    return evaluate(
+        model, tokenizer, tasks, data_dir=data_dir, output_dir=default_output_dir(e["output_dir"], run_dir),
+        limit=e["limit"], batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
+        commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"], progress=progress,
+        run_info=info, console=console,
+    )
+
+
+def summary(results: dict) -> dict[str, Any]:
+    """{task: value, '<suite>_average': value} — compact numbers for logs and run.json."""
+    out: dict[str, Any] = {name: entry["value"] for name, entry in results.get("tasks", {}).items()}
+    out.update({f"{suite}_average": info["average"] for suite, info in results.get("suites", {}).items()})
+    return out

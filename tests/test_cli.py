@@ -1,0 +1,178 @@
+"""The `neuroada` CLI end to end on a tiny model: outputs of train / export / eval, sweeps, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from neuroada_cli import config
+from neuroada_cli.cli import main
+from test_train import REPO, cli, tiny_overrides, write_train_rows
+
+
+def write_eval_rows(data_dir, task="boolq", n=4):
+    rows = [{"instruction": f"Please answer the question: the quick fox {i}", "input": "",
+             "output": "the correct answer is true", "answer": "true"} for i in range(n)]
+    folder = data_dir / "llm_adapters" / task
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.json").write_text(json.dumps(rows))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    directory = write_train_rows(tmp_path / "data")
+    write_eval_rows(directory)
+    return directory
+
+
+def test_help_lists_commands_and_recipes():
+    result = cli("--help")
+    for word in ("train", "eval", "export", "accelerate launch", *config.recipe_names()):
+        assert word in result.stdout
+    assert "llama13b_commonsense_k1" in result.stdout and result.stderr == ""
+
+
+def test_cfg_job_prints_the_resolved_recipe(capsys):
+    assert main(["train", "recipe=llama_math", "--cfg", "job", "optimizer.lr=1e-3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["recipe"] == "llama_math" and printed["optimizer"]["lr"] == 1e-3
+    assert printed["model"]["name_or_path"] == "yahma/llama-7b-hf" and printed["task"]["template"] == "alpaca"
+    assert printed["trainer"]["output_dir"].startswith("outputs/llama_math/")
+    assert "${" not in yaml.safe_dump(printed)  # resolved
+
+
+def test_sweep_gives_each_job_its_own_directory(capsys):
+    assert main(["train", "recipe=smollm2_commonsense", "-m", "neuroada.k=1,5,20", "--cfg", "job"]) == 0
+    documents = capsys.readouterr().out.split("# job ")[1:]
+    jobs = [yaml.safe_load(doc.split("\n", 1)[1]) for doc in documents]
+    assert [job["neuroada"]["k"] for job in jobs] == [1, 5, 20]
+    dirs = [job["trainer"]["output_dir"] for job in jobs]
+    assert [d.rsplit("/", 1)[1] for d in dirs] == ["0", "1", "2"] and len({d.rsplit("/", 1)[0] for d in dirs}) == 1
+
+
+def test_sweep_runs_every_job(tiny_llama_dir, data_dir, tmp_path, capsys):
+    overrides = tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "sweep", steps=1)
+    assert main(["train", "-m", *overrides, "neuroada.k=1,2"]) == 0  # the last value of a key wins, as in Hydra
+    for number, k in enumerate((1, 2)):
+        saved = yaml.safe_load((tmp_path / "sweep" / str(number) / "config.yaml").read_text())
+        assert saved["neuroada"]["k"] == k and (tmp_path / "sweep" / str(number) / "adapter").is_dir()
+
+
+def test_train_export_eval_end_to_end(tiny_llama_dir, data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", *tiny_overrides(tiny_llama_dir, data_dir, run, steps=3), "trainer.checkpoint_every=2")
+    assert "Traceback" not in result.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["output_dir"] == str(run) and saved["neuroada"]["k"] == 4
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert {"loss", "lr", "tokens_per_s", "step_s", "target_tokens"} <= set(log[0])
+    assert {p.name for p in (run / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    record = json.loads((run / "run.json").read_text())
+    for key in ("trainable_params", "trainable_percent", "total_params", "peak_memory_bytes", "wall_seconds",
+                "adapter_bytes", "git_commit", "overhead_percent", "tokens_per_second"):
+        assert key in record, key
+    assert record["trainable_params"] == 2 * 4 * (32 + 32 + 16 + 16 + 64 + 64 + 32)  # k x rows of every target
+    assert record["adapter_bytes"] > 0 and record["peak_memory_kind"] == "rss"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-3"]
+    assert {p.name for p in (run / "checkpoints" / "step-3").iterdir()} == {"adapter", "trainer_state.pt"}
+
+    cli("export", f"run={run}", f"output={tmp_path / 'merged'}")
+    from transformers import AutoModelForCausalLM
+
+    from neuroada_cli import load_adapter, merge
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("neuroada" in name for name, _ in merged.named_parameters())
+    adapted = merge(load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), run / "adapter"))
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits)
+        assert not torch.allclose(merged(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(ids).logits)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+    cli("eval", f"run={run}", "eval.tasks=[boolq]", "eval.limit=2", "eval.max_new_tokens=4")
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert "boolq" in results["tasks"]
+
+
+def _bad_row_dir(tmp_path):
+    folder = tmp_path / "bad" / "llm_adapters" / "commonsense_15k"
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "no output"}]))
+    return tmp_path / "bad"
+
+
+BAD_INPUTS = {  # the issue's list, each through a real process: stderr is one line, exit code 2
+    "unknown recipe": (lambda m, d, t: ["train", "recipe=nope"], "unknown recipe 'nope'; valid recipes: "),
+    "unknown key": (lambda m, d, t: ["train", "trainer.foo=1"], "unknown key 'trainer.foo'; valid keys in trainer:"),
+    "k = 0": (lambda m, d, t: ["train", "neuroada.k=0"], "neuroada.k=0 is invalid"),
+    "k > layer inputs": (lambda m, d, t: ["train", *tiny_overrides(m, d, t / "run"), "neuroada.k=100"],
+                         "exceeds the 32 inputs"),
+    "missing data dir": (lambda m, d, t: ["train", *tiny_overrides(m, t / "nowhere", t / "run")], "does not exist"),
+    "malformed row": (lambda m, d, t: ["train", *tiny_overrides(m, _bad_row_dir(t), t / "run")],
+                      "row 1 has no text field 'output'"),
+    "occupied output dir": (lambda m, d, t: ["train", *tiny_overrides(m, d, t / "taken")], "already holds a run"),
+}
+
+
+def test_bad_inputs_are_one_line_errors(tiny_llama_dir, data_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.yaml").write_text("recipe: other\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    processes = {}
+    for name, (make_args, _) in BAD_INPUTS.items():
+        running = [p for p in processes.values() if p.poll() is None]
+        if len(running) >= 2:  # two at a time (2 cores): each pays the interpreter start-up
+            running[0].wait()
+        args = make_args(tiny_llama_dir, data_dir, tmp_path)
+        processes[name] = subprocess.Popen([sys.executable, "-m", "neuroada_cli", *args], env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert process.returncode == 2, f"{name}: exit {process.returncode}\n{stderr}"
+        assert len(lines) == 1 and "Traceback" not in stderr, f"{name}: not one line:\n{stderr}"
+        assert lines[0].startswith("error: ") and BAD_INPUTS[name][1] in lines[0], f"{name}: {lines[0]}"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "+neuroada.kk=1"], "unknown key 'neuroada.kk'"),
+    (["train", "model=nope"], "unknown model option 'nope'; available: llama2_7b"),
+    (["train", "trainer.precision=fp8"], "trainer.precision='fp8' is not valid; use one of fp32, bf16, fp16"),
+    (["train", "trainer.batch_size=6", "trainer.micro_batch_size=4"], "not divisible"),
+    (["train", "optimizer.lr=abc"], "optimizer.lr"),
+    (["train", "neuroada.k=1,2"], "add -m"),
+    (["train", "neuroada.selection=best"], "neuroada.selection='best' is not valid"),
+    (["train", "--cfg", "hydra"], "use --cfg job"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["export"], "needs run=DIR"),
+    (["eval", "run=/nowhere"], "is not a run directory"),
+])
+def test_config_mistakes_are_one_line_errors(args, expected, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], captured.err
+
+
+@pytest.mark.slow
+def test_smollm2_recipe_end_to_end(tmp_path):
+    """The CPU recipe on the embedded SmolLM2 (packaged sample data): a few steps, eval after training, export."""
+    run = tmp_path / "run"
+    cli("train", "recipe=smollm2_commonsense", "trainer.max_steps=3", "data.train_limit=64", "trainer.batch_size=8",
+        f"trainer.output_dir={run}", "eval.after_train=true", "eval.tasks=[boolq]", "eval.limit=4")
+    record = json.loads((run / "run.json").read_text())
+    assert record["recipe"] == "smollm2_commonsense" and 2.0 < record["trainable_percent"] < 2.5  # k=20
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and log[-1]["loss"] < log[0]["loss"] + 0.5
+    assert json.loads((run / "eval" / "results.json").read_text())["tasks"]["boolq"]["n"] == 4
+    cli("export", f"run={run}")
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(run / "merged").model_type == "llama"

@@ -1,0 +1,60 @@
+"""Two processes (accelerate launch, gloo on CPU) give the same training as one process accumulating."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train import REPO, cli, deltas, tiny_overrides, write_train_rows
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default 29500
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(*args: str, cwd) -> subprocess.CompletedProcess:
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not installed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "neuroada_cli", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_two_processes_equal_one_process(tiny_llama_dir, tmp_path):
+    data_dir = write_train_rows(tmp_path / "data")
+    overrides = [o for o in tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "unused", steps=3)
+                 if not o.startswith("trainer.output_dir")]
+    one = tmp_path / "one"
+    cli("train", *overrides, f"trainer.output_dir={one}")
+    # The default output_dir holds a timestamp that each process resolves for itself: they must agree.
+    (tmp_path / "two").mkdir()
+    accelerate_launch("train", *overrides, cwd=tmp_path / "two")  # default: outputs/default/<timestamp>
+    runs = list((tmp_path / "two" / "outputs" / "default").iterdir())
+    assert len(runs) == 1, runs
+    two = runs[0]
+
+    record = json.loads((two / "run.json").read_text())
+    assert record["world_size"] == 2 and record["accumulation_steps"] == 2
+    a, b = deltas(one), deltas(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith(".delta"):
+            scale = a[name].abs().max()
+            assert scale > 0 and (a[name] - b[name]).abs().max() <= 1e-4 * scale, name
+    losses = [[json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+              for run in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert torch.equal(a[next(n for n in a if n.endswith(".indices"))], b[next(n for n in b if n.endswith(".indices"))])
