@@ -9,6 +9,9 @@ class to inherit). The runner only ever does::
     metrics = task.score(records)                        # {"accuracy": ..., ...}; primary = task.metric
     rule = task.rule(options)                            # how answers were read, for results.json
 
+Optional: ``task.configure(seed=..., max_length=...) -> task`` (a bound copy); ``run_eval_from_config``
+calls it when present with ``trainer.seed`` and ``data.max_length`` (GLUE's seeded validation split).
+
 ``records`` are JSON-ready dicts, one per example in input order, with at least
 ``index, prompt, generation, extracted, gold, correct``; they are written verbatim to
 ``predictions/<task>.jsonl``. A GLUE task can keep ``generation`` empty and put logits or labels in

@@ -318,6 +318,9 @@ def run_eval_from_config(
     run_dir = run_dir if run_dir is not None else _value(cfg, "eval.run_dir")
     data_dir = paths.data_dir(_value(cfg, "data.dir"))
     tasks = resolve_tasks(_value(cfg, "eval.tasks"), _value(cfg, "task.eval_suite"))
+    # Optional task hook: bind run values a task's data depends on (GLUE: the seeded split, max length).
+    run_values = {"seed": _value(cfg, "trainer.seed"), "max_length": _value(cfg, "data.max_length")}
+    tasks = [task.configure(**run_values) if callable(getattr(task, "configure", None)) else task for task in tasks]
     options = EvalOptions(batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
                           commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"]).validate()
     for task in tasks:
