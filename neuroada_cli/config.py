@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from . import paths
@@ -71,6 +71,7 @@ class TaskSection:
     eval_suite: Optional[str] = "commonsense"
     num_labels: Optional[int] = None      # sequence classification (GLUE)
     problem_type: Optional[str] = None    # regression | single_label_classification
+    head_dropout: Optional[float] = None  # dropout before the classification head (null = checkpoint's)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class TrainerSection:
     log_every: int = 1
     checkpoint_every: int = 100
     tensorboard: bool = False
+    select_best: bool = False             # GLUE: keep the best epoch on the validation selection part
 
 
 @dataclass
@@ -211,7 +213,7 @@ def compose(recipe: str | None, overrides: list[str]) -> DictConfig:
         )
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_explain_override_error(err, recipe)) from None
-    with _open(cfg):
+    with open_dict(cfg):
         cfg.pop("hydra", None)
         cfg.recipe = recipe
     return cfg
@@ -223,7 +225,10 @@ def _explain_override_error(err: Exception, recipe: str | None) -> str:
     match = re.search(r"Could not override '([^']+)'", message) or re.search(r"Key '([^']+)' is not in struct", message)
     if match:
         key = match.group(1)
-        return f"unknown key {key!r}; {_valid_keys_text(key.rpartition('.')[0])}"
+        section, _, name = key.rpartition(".")
+        if _section_schema(section) is not None and name in section_keys(section):
+            return f"{key} is not set by this config; add it with +{key}=VALUE"
+        return f"unknown key {key!r}; {_valid_keys_text(section)}"
     match = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
     if match:
         group, option = match.groups()
@@ -234,12 +239,6 @@ def _explain_override_error(err: Exception, recipe: str | None) -> str:
     if match:
         return f"{match.group(1)} is a sweep: add -m to run one job per value, or write [a,b] for a list value"
     return re.sub(r"\s*Config search path:.*$", "", message)
-
-
-def _open(cfg: DictConfig):
-    from omegaconf import open_dict
-
-    return open_dict(cfg)
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -386,6 +385,8 @@ def _check_values(cfg: DictConfig, world_size: int) -> None:
     _require(t.log_every >= 1, f"trainer.log_every={t.log_every} must be >= 1")
     _require(t.checkpoint_every >= 0, f"trainer.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = off)")
     _require(bool(t.output_dir), "trainer.output_dir is empty")
+    _require(not t.select_best or cfg.task.kind == "sequence_classification",
+             "trainer.select_best=true needs a GLUE task (task.kind=sequence_classification); set it to false")
     e = cfg.eval
     _one_of(e.scoring, SCORINGS, "eval.scoring")
     _require(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")

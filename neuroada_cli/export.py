@@ -36,9 +36,9 @@ def export(run: str | os.PathLike, output: str | os.PathLike | None = None) -> P
 
         model = unload(load_adapter(model, adapter))
     elif cfg.method == "lora":
-        from .train import _import_peft
+        from .methods import import_peft
 
-        model = _import_peft().PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = import_peft().PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     _drop_quantization(model)
 
     # Write next to the target and rename: an interrupted export leaves no half checkpoint behind.

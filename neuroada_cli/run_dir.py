@@ -127,23 +127,24 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def trainer_state(step: int, position: tuple[int, int], optimizer, scheduler) -> dict:
-    """Everything besides the adapter that a resumed run needs to continue bitwise."""
+def trainer_state(step: int, position: tuple[int, int], optimizer, scheduler, extra: dict | None = None) -> dict:
+    """Everything besides the adapter that a resumed run needs to continue bitwise (``extra``: loop state
+    such as the best selection score so far; plain JSON-like values)."""
     import numpy as np
     import torch
 
     numpy_state = np.random.get_state()
     return {
         "step": step, "epoch": position[0], "batch_in_epoch": position[1],
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "extra": extra or {},
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
 
 
-def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> int:
-    """Restore optimizer, scheduler and RNG states from a checkpoint; returns its step."""
+def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore optimizer, scheduler and RNG states from a checkpoint; returns its step and ``extra``."""
     import numpy as np
     import torch
 
@@ -156,4 +157,4 @@ def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> int:
     np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"])
+    return int(state["step"]), state.get("extra", {})

@@ -10,6 +10,9 @@ Features and the config keys that drive them:
 * data: ``task.train_dataset`` rows from ``data.dir`` (else $NEUROADA_DATA_DIR, else the packaged sample),
   ``data.train_limit`` rows, ``task.template`` prompts, ``data.max_length`` tokens, length-bucketed global
   batches (``data.bucket_batches``, shuffled with ``trainer.seed`` every epoch; data/batching.py).
+  ``task.kind=sequence_classification`` (GLUE, data/glue_train.py): one loss term per example,
+  ``task.head_dropout``, and ``trainer.select_best`` keeps the epoch scoring best on the validation
+  selection part (LoReFT protocol) as adapter/.
 * batching: ``trainer.batch_size`` is global; accumulation steps = batch_size / (``trainer.micro_batch_size``
   x processes). The loss is the sum of token losses over the WHOLE global batch divided by its number of
   target tokens, so 2 processes x b examples give the same update as 1 process accumulating 2 x b.
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import run_dir
+from . import methods, run_dir
 from .data.batching import BatchPlan, split_global_batch
 from .errors import UserError
 
@@ -79,32 +82,42 @@ def train(cfg: DictConfig) -> Path:
     resume_from = _resume_point(output_dir, t.resume)
 
     # ---- data: rows (validated before the slow model load), then tokens, then the batch plan.
-    from .data.train_sets import load_train_rows
+    # Causal LM: LLM-Adapters rows, loss on target tokens. GLUE (sequence_classification): data/glue_train.py.
+    from .data import glue_train
+    from .data.tokenize import collate_causal
 
-    rows = load_train_rows(cfg.task.train_dataset, cfg.data.dir, limit=cfg.data.train_limit, seed=t.seed)
+    classify = cfg.task.kind == "sequence_classification"
+    rows = None if classify else _load_rows(cfg)
     if cfg.eval.after_train:
         _check_eval_inputs(cfg)  # a missing test file should fail now, not after hours of training
     model, tokenizer = _load_model(cfg, resume_from)
-    examples = _tokenize(cfg, rows, tokenizer)
+    if classify:
+        glue_train.set_head_dropout(model, cfg.task.head_dropout)
+    examples = _examples(cfg, rows, tokenizer)
     plan = BatchPlan([len(e["input_ids"]) for e in examples], t.batch_size, t.seed, cfg.data.bucket_batches)
     if plan.steps_per_epoch == 0:
         raise UserError(f"only {len(examples)} training examples, fewer than trainer.batch_size={t.batch_size}; "
                         "lower the batch size or raise data.train_limit")
     total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
-    targets = [sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples]
+    # Loss normaliser per example: its target tokens (causal LM) or 1 (classification: every example once).
+    targets = [1] * len(examples) if classify else [sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in examples]
     pad_id = tokenizer.pad_token_id
+    collate_examples = glue_train.collate if classify else collate_causal
 
     def collate(indices: list[int]) -> dict:
-        from .data.tokenize import collate_causal
-
-        batch = collate_causal([examples[i] for i in indices], pad_id)
+        batch = collate_examples([examples[i] for i in indices], pad_id)
         return {key: value.to(accelerator.device) for key, value in batch.items()}
+
+    # trainer.select_best (GLUE, LoReFT protocol): score the selection part of validation after every
+    # epoch and keep the best epoch's adapter.
+    selection = _selection_examples(cfg, tokenizer) if t.select_best else None
+    best = None
 
     # ---- method: NeuroAda / LoRA / full, identical on every process (deterministic selection).
     gradient_batches = [collate(chunk) for step in range(min(cfg.neuroada.gradient_batches, plan.steps_per_epoch))
                         for chunk in split_global_batch(plan.global_batch(step), 0, 1, t.micro_batch_size)] \
         if cfg.method == "neuroada" and cfg.neuroada.selection == "gradient" and resume_from is None else None
-    model = _attach_method(cfg, model, gradient_batches, resume_from)
+    model = methods.attach(cfg, model, gradient_batches, resume_from)
     if t.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -112,7 +125,7 @@ def train(cfg: DictConfig) -> Path:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    counts = _count_parameters(cfg, model)
+    counts = methods.count_trainable(cfg, model)
     slice_logits = _accepts_logit_mask(model)
 
     # ---- optimizer and schedule (weight decay on matrices only: not on biases and norms, as HF Trainer).
@@ -138,7 +151,8 @@ def train(cfg: DictConfig) -> Path:
     # ---- resume: optimizer, scheduler, RNG and position from the last checkpoint.
     start_step = 0
     if resume_from is not None:
-        start_step = run_dir.load_trainer_state(resume_from[1], optimizer, scheduler)
+        start_step, extra = run_dir.load_trainer_state(resume_from[1], optimizer, scheduler)
+        best = extra.get("best")
     if is_main:  # drop what a killed session logged after its last checkpoint (everything if it had none)
         run_dir.truncate_log(output_dir / "train_log.jsonl", start_step)
     log_file = open(output_dir / "train_log.jsonl", "a") if is_main else None
@@ -147,7 +161,7 @@ def train(cfg: DictConfig) -> Path:
     # ---- the loop: one iteration = one optimizer step over one global batch. Time outside
     # forward/backward/optimizer (data, logging, checkpoints) is recorded as the loop's overhead.
     progress, task_id = _progress(is_main, total_steps, start_step, cfg.recipe or "train")
-    timing = dict.fromkeys(("loop", "compute", "data", "log", "checkpoint"), 0.0)
+    timing = dict.fromkeys(("loop", "compute", "data", "log", "checkpoint", "selection"), 0.0)
     tokens_seen, last_loss = 0, float("nan")
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
@@ -161,7 +175,8 @@ def train(cfg: DictConfig) -> Path:
         for number, batch in enumerate(micro_batches):
             last = number == accumulation - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                token_loss = _token_loss_sum(model, batch, slice_logits)
+                token_loss = glue_train.loss_sum(model, batch) if classify else _token_loss_sum(model, batch,
+                                                                                                slice_logits)
                 # DDP averages gradients over processes, hence x world: the result is sum / global targets.
                 accelerator.backward(token_loss * world / global_targets)
             loss_sum += token_loss.detach()
@@ -192,16 +207,23 @@ def train(cfg: DictConfig) -> Path:
                 average = tokens_seen / max(timing["loop"] + log_start - step_start, 1e-9)
                 progress.update(task_id, completed=done,
                                 stats=f"loss {last_loss:.4f}  lr {record['lr']:.2e}  {average:.0f} tok/s")
+        selection_start = time.perf_counter()
+        timing["log"] += selection_start - log_start
+        if selection is not None and (done % plan.steps_per_epoch == 0 or done == total_steps):
+            if is_main:  # evaluation time is not loop overhead: it is kept apart
+                best = _select_best(cfg, accelerator.unwrap_model(model), tokenizer, selection, done, best,
+                                    output_dir, log_file)
+            accelerator.wait_for_everyone()
         checkpoint_start = time.perf_counter()
-        timing["log"] += checkpoint_start - log_start
+        timing["selection"] += checkpoint_start - selection_start
         if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == total_steps):
             if is_main:
-                state = run_dir.trainer_state(done, plan.position(done), optimizer, scheduler)
+                state = run_dir.trainer_state(done, plan.position(done), optimizer, scheduler, {"best": best})
                 run_dir.write_checkpoint(output_dir, done, lambda tmp: _write_checkpoint(cfg, model, accelerator,
                                                                                          tokenizer, state, tmp))
             accelerator.wait_for_everyone()
         timing["checkpoint"] += time.perf_counter() - checkpoint_start
-        timing["loop"] += time.perf_counter() - step_start
+        timing["loop"] += time.perf_counter() - step_start - (checkpoint_start - selection_start)
     progress.stop()
 
     # ---- results: adapter, run record; then optionally evaluate.
@@ -210,7 +232,8 @@ def train(cfg: DictConfig) -> Path:
         log_file.close()
         if board is not None:
             board.close()
-        _save_trained(cfg, accelerator.unwrap_model(model), tokenizer, output_dir / "adapter")
+        if selection is None:  # with select_best, adapter/ already holds the best epoch's adapter
+            methods.save_trained(cfg, accelerator.unwrap_model(model), tokenizer, output_dir / "adapter")
         overhead = timing["loop"] - timing["compute"]
         record = {
             "recipe": cfg.recipe, "method": cfg.method, "model": cfg.model.name_or_path,
@@ -223,7 +246,7 @@ def train(cfg: DictConfig) -> Path:
             **{f"{key}_seconds": value for key, value in timing.items()},
             "overhead_seconds": overhead, "overhead_percent": 100.0 * overhead / max(timing["loop"], 1e-9),
             **run_dir.peak_memory(), "adapter_bytes": run_dir.directory_bytes(output_dir / "adapter"),
-            "git_commit": run_dir.git_commit(),
+            "git_commit": run_dir.git_commit(), "selection": best,
         }
         run_dir.write_json(output_dir / "run.json", record)
     accelerator.wait_for_everyone()
@@ -233,8 +256,11 @@ def train(cfg: DictConfig) -> Path:
 
         trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
         eval_cfg = eval_config_for_run(output_dir, [])
-        eval_cfg.eval.adapter = None  # already on the in-memory model; applying it again would stack LoRA
-        run_eval_from_config(eval_cfg, model=trained, tokenizer=tokenizer)
+        if selection is None:  # the in-memory model is the final one; with select_best the runner loads the best
+            eval_cfg.eval.adapter = None  # already on the model; applying it again would stack LoRA
+            run_eval_from_config(eval_cfg, model=trained, tokenizer=tokenizer)
+        else:
+            run_eval_from_config(eval_cfg)
     accelerator.end_training()
     _release_accelerator_state()
     return output_dir
@@ -248,6 +274,48 @@ def _resume_point(output_dir: Path, resume: bool) -> tuple[int, Path] | None:
                             "it or choose another trainer.output_dir")
         return None
     return run_dir.latest_checkpoint(output_dir)
+
+
+def _load_rows(cfg: DictConfig) -> list[dict]:
+    from .data.train_sets import load_train_rows
+
+    return load_train_rows(cfg.task.train_dataset, cfg.data.dir, limit=cfg.data.train_limit, seed=cfg.trainer.seed)
+
+
+def _examples(cfg: DictConfig, rows: list[dict] | None, tokenizer) -> list[dict]:
+    if cfg.task.kind == "sequence_classification":
+        from . import paths
+        from .data import glue_train
+
+        return glue_train.train_examples(cfg.task.train_dataset, paths.data_dir(cfg.data.dir), tokenizer,
+                                         cfg.data.max_length, cfg.data.train_limit, cfg.trainer.seed)
+    from .data.tokenize import tokenize_rows
+
+    return tokenize_rows(rows, tokenizer, cfg.task.template, cfg.data.max_length)
+
+
+def _selection_examples(cfg: DictConfig, tokenizer) -> list[dict]:
+    from . import paths
+    from .data import glue_train
+
+    return glue_train.selection_examples(cfg.task.train_dataset, paths.data_dir(cfg.data.dir), tokenizer,
+                                         cfg.data.max_length, cfg.trainer.seed)
+
+
+def _select_best(cfg, model, tokenizer, selection, step: int, best: dict | None, output_dir: Path, log_file):
+    """Score the selection examples; a better primary metric than so far saves the adapter as adapter/."""
+    from .data import glue_train
+    from .data.glue import glue_task
+
+    metric = glue_task(cfg.task.train_dataset).primary_metric
+    metrics = glue_train.evaluate_examples(model, selection, cfg.task.train_dataset, tokenizer.pad_token_id,
+                                           cfg.eval.batch_size)
+    log_file.write(json.dumps({"step": step, "selection": metrics}) + "\n")
+    log_file.flush()
+    if best is None or metrics[metric] > best["value"]:
+        methods.save_trained(cfg, model, tokenizer, output_dir / "adapter")
+        best = {"metric": metric, "value": metrics[metric], "step": step, "metrics": metrics}
+    return best
 
 
 def _check_eval_inputs(cfg: DictConfig) -> None:
@@ -273,72 +341,6 @@ def _load_model(cfg: DictConfig, resume_from):
     return load_model_and_tokenizer(source, kind=cfg.task.kind, dtype=cfg.model.dtype, gguf_file=gguf_file,
                                     family=cfg.model.family, num_labels=cfg.task.num_labels,
                                     problem_type=cfg.task.problem_type)
-
-
-def _tokenize(cfg: DictConfig, rows: list[dict], tokenizer) -> list[dict]:
-    if cfg.task.kind != "causal_lm":
-        raise UserError(f"training task.kind={cfg.task.kind} is not supported by this trainer yet; use causal_lm")
-    from .data.tokenize import tokenize_rows
-
-    return tokenize_rows(rows, tokenizer, cfg.task.template, cfg.data.max_length)
-
-
-def _attach_method(cfg: DictConfig, model, gradient_batches, resume_from):
-    if cfg.method == "neuroada":
-        from . import NeuroAdaConfig, inject, load_adapter
-
-        if resume_from is not None:
-            return load_adapter(model, resume_from[1] / "adapter")
-        n = cfg.neuroada
-        config = NeuroAdaConfig(k=n.k, target_modules=list(n.target_modules), selection=n.selection,
-                                train_bias=n.train_bias, modules_to_save=list(n.modules_to_save), seed=n.seed,
-                                impl=n.impl)
-        try:
-            return inject(model, config, gradient_batches=gradient_batches)
-        except UserError:
-            raise
-        except ValueError as err:  # shape problems the method reports as ValueError
-            raise UserError(f"cannot apply NeuroAda: {err}") from None
-    if cfg.method == "lora":
-        peft = _import_peft()
-        lo = cfg.lora
-        task_type = "CAUSAL_LM" if cfg.task.kind == "causal_lm" else "SEQ_CLS"
-        lora_config = peft.LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                      target_modules=list(lo.target_modules), task_type=task_type)
-        try:
-            model = peft.get_peft_model(model, lora_config)
-        except ValueError as err:
-            raise UserError(f"cannot apply LoRA: {str(err).splitlines()[0]}") from None
-        if resume_from is not None:
-            from safetensors.torch import load_file
-
-            weights = load_file(str(resume_from[1] / "adapter" / "adapter_model.safetensors"))
-            peft.set_peft_model_state_dict(model, weights)
-        return model
-    for param in model.parameters():  # full fine-tuning
-        param.requires_grad_(True)
-    return model
-
-
-def _import_peft():
-    try:
-        import peft
-    except ImportError:
-        raise UserError("method=lora needs the peft package: pip install 'neuroada[dev]' (or pip install peft)") from None
-    return peft
-
-
-def _count_parameters(cfg: DictConfig, model) -> dict:
-    if cfg.method == "neuroada":
-        from . import count_parameters
-
-        c = count_parameters(model)
-        return {"trainable_params": c.trainable, "total_params": c.total, "trainable_percent": c.percent,
-                "bypass_params": c.bypass, "bias_params": c.bias, "head_params": c.head}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    every = sum(p.numel() for p in model.parameters())
-    base = every - trainable if cfg.method == "lora" else every  # LoRA adds its matrices to the base
-    return {"trainable_params": trainable, "total_params": base, "trainable_percent": 100.0 * trainable / base}
 
 
 def _accepts_logit_mask(model) -> bool:
@@ -367,19 +369,8 @@ def _token_loss_sum(model, batch: dict, slice_logits: bool) -> torch.Tensor:
     return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
 
 
-def _save_trained(cfg: DictConfig, model, tokenizer, path: Path) -> None:
-    if cfg.method == "neuroada":
-        from . import save_adapter
-
-        save_adapter(model, path)
-    else:  # PEFT saves the LoRA adapter; a full fine-tune saves the whole model (+ tokenizer)
-        model.save_pretrained(path)
-        if cfg.method == "full":
-            tokenizer.save_pretrained(path)
-
-
 def _write_checkpoint(cfg, model, accelerator, tokenizer, state: dict, directory: Path) -> None:
-    _save_trained(cfg, accelerator.unwrap_model(model), tokenizer, directory / "adapter")
+    methods.save_trained(cfg, accelerator.unwrap_model(model), tokenizer, directory / "adapter")
     torch.save(state, directory / "trainer_state.pt")
 
 

@@ -1,6 +1,6 @@
 """Training throughput and memory of NeuroAda k=1, k=20 and LoRA r=8 through the same loop, side by side.
 
-    python scripts/bench_train.py [--steps 8] [--recipe smollm2_commonsense] [--repeats 1] [--json]
+    python scripts/bench_train.py [--steps 8] [--recipe smollm2_commonsense] [--repeats 1] [--threads N] [--json]
 
 Each configuration trains ``--steps`` optimizer steps of the recipe in its own subprocess (so peak memory
 is its own) with a checkpoint half-way, then its run.json and train_log.jsonl are read:
@@ -34,12 +34,14 @@ CONFIGS = {
 BASELINE = "lora r=8"
 
 
-def run_one(recipe: str, overrides: list[str], steps: int, workdir: Path) -> dict:
+def run_one(recipe: str, overrides: list[str], steps: int, workdir: Path, threads: int | None) -> dict:
     out = workdir / f"run-{time.time_ns()}"
     command = [sys.executable, "-m", "neuroada_cli", "train", f"recipe={recipe}", *overrides,
                f"trainer.max_steps={steps}", f"trainer.checkpoint_every={max(1, steps // 2)}",
                f"trainer.output_dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if threads:  # fewer threads than cores keeps a shared machine from stalling OpenMP barriers
+        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="smollm2_commonsense")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args()
 
@@ -72,11 +75,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="neuroada-bench-") as tmp:
         for _ in range(args.repeats):
             for name, overrides in CONFIGS.items():
-                results[name].append(run_one(args.recipe, overrides, args.steps, Path(tmp)))
+                results[name].append(run_one(args.recipe, overrides, args.steps, Path(tmp), args.threads))
     rows = {name: median_record(records) for name, records in results.items()}
     base = rows[BASELINE]
     summary = {
-        "recipe": args.recipe, "steps": args.steps, "repeats": args.repeats,
+        "recipe": args.recipe, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpu_count": os.cpu_count(),
         "configs": {name: {
             "tokens_per_second": row["tokens_per_second"], "steady_tokens_per_second": row["steady_tokens_per_second"],

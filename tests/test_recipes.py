@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -105,11 +104,11 @@ def test_a_recipe_merging_an_unknown_key_is_rejected(hydra_dirs):
 def test_nested_task_groups_slot_in(hydra_dirs):
     """GLUE tasks will live in task/glue/<name>.yaml and be chosen with task=glue/<name>."""
     glue = hydra_dirs / "configs" / "task" / "glue"
-    glue.mkdir()
-    (glue / "rte.yaml").write_text("name: glue/rte\nkind: sequence_classification\ntrain_dataset: rte\n"
-                                   "template: commonsense\neval_suite: null\nnum_labels: 2\n")
-    cfg = config.validate(config.compose(None, ["task=glue/rte"]))
-    assert cfg.task.name == "glue/rte" and cfg.task.num_labels == 2 and "glue" not in cfg
+    glue.mkdir(exist_ok=True)
+    (glue / "fixture.yaml").write_text("name: glue/fixture\nkind: sequence_classification\ntrain_dataset: rte\n"
+                                       "template: none\neval_suite: null\nnum_labels: 2\n")
+    cfg = config.validate(config.compose(None, ["task=glue/fixture"]))
+    assert cfg.task.name == "glue/fixture" and cfg.task.num_labels == 2 and "glue" not in cfg
 
 
 def test_config_yaml_of_a_run_round_trips(tmp_path):

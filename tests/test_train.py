@@ -196,3 +196,31 @@ def test_fp16_on_cpu_is_refused(tiny_llama_dir, data_dir, tmp_path):
         pytest.skip("fp16 autocast is available on this machine")
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=1) + ["trainer.precision=fp16"])
+
+
+def test_glue_classification_keeps_the_best_epoch(tmp_path):
+    """sequence_classification through the same loop: loss per example, selection after every epoch."""
+    from glue_fixtures import tiny_bert_dir, write_glue_task
+
+    model_dir = tiny_bert_dir(tmp_path / "bert")
+    data = write_glue_task(tmp_path / "data", "rte")
+    run = train_in_process([
+        "task=glue/rte", f"model.name_or_path={model_dir}", "model.family=bert", f"data.dir={data}",
+        f"trainer.output_dir={tmp_path / 'run'}", "trainer.epochs=2", "trainer.batch_size=8", "trainer.micro_batch_size=4",
+        "trainer.select_best=true", "trainer.checkpoint_every=0", "neuroada.k=2", "neuroada.modules_to_save=[classifier]",
+        "neuroada.target_modules=[query,value]", "optimizer.lr=1e-2",
+    ])
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    selections = [r for r in log if "selection" in r]
+    steps = [r for r in log if "loss" in r]
+    assert len(selections) == 2 and selections[-1]["step"] == steps[-1]["step"]
+    assert all(r["target_tokens"] == 8 for r in steps)  # one term per example of the global batch
+    record = json.loads((run / "run.json").read_text())
+    best = max(selections, key=lambda r: r["selection"]["accuracy"])
+    assert record["selection"]["metric"] == "accuracy" and record["selection"]["step"] == best["step"]
+    assert record["head_params"] > 0 and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_select_best_needs_a_glue_task(tiny_llama_dir, data_dir, tmp_path):
+    with pytest.raises(UserError, match="select_best"):
+        train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=1) + ["trainer.select_best=true"])

@@ -43,7 +43,6 @@ def special_prefix_ids(tokenizer) -> list[int]:
     return []
 
 
-_special_prefix = special_prefix_ids  # old private name, still imported by eval/generation.py
 
 
 def _eos_id(tokenizer) -> int:

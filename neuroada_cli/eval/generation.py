@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.tokenize import _special_prefix
+from ..data.tokenize import special_prefix_ids
 from ..errors import UserError
 
 
@@ -40,7 +40,7 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids as the training code builds them: the tokenizer's special prefix + the plain text ids."""
     if not texts:
         return []
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix_ids(tokenizer)
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return [prefix + list(ids) for ids in encoded]
 

@@ -9,9 +9,9 @@ train.py evaluates after every epoch. MNLI reports matched (``glue/mnli``, valid
 mismatched (``glue/mnli_mm``, validation_mismatched) as two tasks. Predictions are the argmax of the
 logits (the raw score for stsb); metrics from eval/glue_metrics.py, offline.
 
-The split depends on the seed and the tokens on the max length, which the runner does not pass to
-``load``/``predict``: ``configured(task, seed=..., max_length=...)`` returns a copy bound to a run's
-``trainer.seed`` and ``data.max_length`` (defaults: LoReFT's first seed 42 and length 256).
+The split depends on the seed and the tokens on the max length, which ``load``/``predict`` do not
+receive: the runner calls ``task.configure(seed=trainer.seed, max_length=data.max_length)`` for a bound
+copy (defaults without it: LoReFT's first seed 42 and length 256).
 """
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ class GlueEvalTask:
     @property
     def regression(self) -> bool:
         return glue_task(self.glue_name).is_regression
+
+    def configure(self, *, seed: int | None = None, max_length: int | None = None) -> "GlueEvalTask":
+        """A copy bound to a run's ``trainer.seed`` (the LoReFT split) and ``data.max_length``; None keeps a value.
+
+        The runner calls this hook (eval/base.py) before loading, so ``neuroada eval`` scores the report
+        part of the run that trained the adapter.
+        """
+        changes = {key: int(value) for key, value in (("seed", seed), ("max_length", max_length)) if value is not None}
+        return dataclasses.replace(self, **changes)
 
     def load(self, data_dir: Path, limit: int | None) -> TaskData:
         rows = loreft_split(load_split(self.glue_name, self.split, data_dir), self.seed)[1]
@@ -91,14 +100,6 @@ class GlueEvalTask:
 
     def score(self, records: list[dict]) -> dict[str, Any]:
         return glue_metrics(self.glue_name, [r["extracted"] for r in records], [r["gold"] for r in records])
-
-
-def configured(task, *, seed: int | None = None, max_length: int | None = None):
-    """``task`` bound to a run's seed / max length when it is a GLUE task; other tasks are returned as is."""
-    if not isinstance(task, GlueEvalTask):
-        return task
-    changes = {key: value for key, value in (("seed", seed), ("max_length", max_length)) if value is not None}
-    return dataclasses.replace(task, **changes)
 
 
 def _tasks() -> list[GlueEvalTask]:

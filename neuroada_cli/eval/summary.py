@@ -1,0 +1,41 @@
+"""The table printed after a sweep (``neuroada train -m ...``): one row per job, one column per eval task.
+
+Reads each run's ``eval/results.json`` (written when ``eval.after_train`` is true); runs without one
+are listed with their run directory and "-" values, so a partly evaluated sweep still shows what exists.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+
+def read_run_results(run_dir: Path) -> dict:
+    try:
+        results = json.loads((Path(run_dir) / "eval" / "results.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return results.get("tasks", {}) if isinstance(results, dict) else {}
+
+
+def sweep_table(jobs: Sequence[tuple[str, Path]]):
+    """A rich Table for (job overrides, run dir) pairs, or None when no run has eval results."""
+    from rich.table import Table
+
+    rows = [(label, Path(run), read_run_results(run)) for label, run in jobs]
+    columns: dict[str, str] = {}  # task -> its primary metric, in first-seen order
+    for _, _, tasks in rows:
+        for name, entry in tasks.items():
+            if entry.get("done"):
+                columns.setdefault(name, entry.get("metric", ""))
+    if not columns:
+        return None
+    table = Table(title="neuroada sweep summary")
+    table.add_column("job", justify="left")
+    for name, metric in columns.items():
+        table.add_column(f"{name}\n{metric}", justify="right")
+    table.add_column("run", justify="left")
+    for label, run, tasks in rows:
+        values = [f"{100 * tasks[name]['value']:.2f}" if tasks.get(name, {}).get("done") else "-" for name in columns]
+        table.add_row(label or "(defaults)", *values, str(run))
+    return table
