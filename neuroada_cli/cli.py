@@ -93,12 +93,27 @@ def train_command(args: list[str]) -> int:
         return 0
     from .train import train
 
+    finished = []
     for number, (job, cfg) in enumerate(configs):
         if sweep:
             _say(f"[sweep job {number + 1}/{len(configs)}] {' '.join(job)} -> {cfg.trainer.output_dir}")
         out = train(cfg)
+        finished.append((job, out))
         _say(f"run directory: {out}")
+    if sweep and int(os.environ.get("RANK", "0")) == 0:
+        _print_sweep_summary(finished)
     return 0
+
+
+def _print_sweep_summary(finished: list) -> None:
+    """One row per sweep job with its eval scores (runs evaluated with eval.after_train=true)."""
+    from rich.console import Console
+
+    from .eval.summary import sweep_table
+
+    table = sweep_table(finished)
+    if table is not None:
+        Console().print(table)
 
 
 def eval_config_for_run(run: str | os.PathLike, overrides: list[str]):

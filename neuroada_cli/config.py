@@ -234,6 +234,17 @@ def _explain_override_error(err: Exception, recipe: str | None) -> str:
         group, option = match.groups()
         options = re.search(r"Available options in '[^']+':\s*(.*?)\s*Config search path", message)
         listing = ", ".join(options.group(1).split()) if options else "see `neuroada train --help`"
+        if group.startswith("hparams/"):  # a GLUE recipe picks hparams/<model>/<task choice>.yaml
+            model = group.split("/")[1]
+            found = sorted(str(f.relative_to(paths.configs_dir() / group).with_suffix(""))
+                           for f in (paths.configs_dir() / group).rglob("*.yaml"))
+            return f"recipe {recipe} has no hyper-parameters for task={option}" \
+                   f" ({model}); choose task= one of {', '.join(found)}"
+        top = paths.configs_dir() / group.split("/")[0]
+        if "/" in group and top.is_dir():  # a nested choice (task=glue/nope): list every option of the group
+            group, _, inner = group.partition("/")
+            option = f"{inner}/{option}"
+            listing = ", ".join(sorted(str(f.relative_to(top).with_suffix("")) for f in top.rglob("*.yaml")))
         return f"unknown {group} option {option!r}; available: {listing}"
     match = re.search(r"Ambiguous value for argument '([^']+)'", message)
     if match:

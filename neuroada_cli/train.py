@@ -126,6 +126,11 @@ def train(cfg: DictConfig) -> Path:
         model.enable_input_require_grads()
     model.train()
     counts = methods.count_trainable(cfg, model)
+    if is_main:  # the trainable split on screen as in run.json (NeuroAda: bypass / head / bias)
+        parts = [f"{name} {counts[f'{name}_params']:,}" for name in ("bypass", "head", "bias")
+                 if f"{name}_params" in counts]
+        print(f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} "
+              f"({counts['trainable_percent']:.3f}%)" + (f" = {' + '.join(parts)}" if parts else ""), flush=True)
     slice_logits = _accepts_logit_mask(model)
 
     # ---- optimizer and schedule (weight decay on matrices only: not on biases and norms, as HF Trainer).

@@ -50,7 +50,8 @@ def attach(variant: str, model):
         from neuroada_cli import NeuroAdaConfig, inject
 
         k = int(variant.rsplit("k", 1)[1])
-        return inject(model, NeuroAdaConfig(k=k, target_modules=ENCODER_TARGETS, modules_to_save=["classifier", "pooler"]))
+        config = NeuroAdaConfig(k=k, target_modules=ENCODER_TARGETS, modules_to_save=["classifier", "pooler"])
+        return inject(model, config)
     if variant == "lora_r8":
         import peft
 
@@ -129,7 +130,8 @@ def run_variant(variant: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--model", args.model, "--task", args.task,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--eval-examples", str(args.eval_examples)] + (["--threads", str(args.threads)] if args.threads else [])
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -65,7 +65,8 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def predict_logits(model, examples: list[dict], pad_id: int, batch_size: int, device=None, advance=None) -> torch.Tensor:
+def predict_logits(model, examples: list[dict], pad_id: int, batch_size: int, device=None,
+                   advance=None) -> torch.Tensor:
     """Logits [n, num_labels] in input order; length-sorted batches, inference mode, eval mode restored."""
     if not examples:
         raise UserError("no examples to evaluate")

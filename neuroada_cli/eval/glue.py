@@ -60,7 +60,8 @@ class GlueEvalTask:
         rows = loreft_split(load_split(self.glue_name, self.split, data_dir), self.seed)[1]
         rows = limit_rows(rows, limit)
         if not rows:
-            raise UserError(f"eval task {self.name}: the report part of {self.split} is empty; the split needs >= 2 rows")
+            raise UserError(f"eval task {self.name}: the report part of {self.split} is empty; "
+                            "the split needs >= 2 rows")
         columns = glue_task(self.glue_name).text_columns
         examples = [Example(index=row["idx"], prompt=" ||| ".join(row[c] for c in columns), gold=str(row["label"]),
                             row=row) for row in rows]
@@ -77,7 +78,8 @@ class GlueEvalTask:
         return "regression score" if self.regression else "argmax"
 
     def settings(self, options: EvalOptions) -> dict[str, Any]:
-        return {"rule": self.rule(options), "split": self.split, "part": "report (LoReFT split)",
+        return {"rule": self.rule(options), "scoring": "classification head", "split": self.split,
+                "part": "report (LoReFT split)",
                 "seed": self.seed, "max_length": self.max_length}
 
     def predict(self, model, tokenizer, examples: list[Example], options: EvalOptions,

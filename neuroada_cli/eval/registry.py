@@ -16,6 +16,7 @@ from .base import EvalTask
 SUITE_MODULES = (
     "neuroada_cli.eval.commonsense",
     "neuroada_cli.eval.arithmetic",
+    "neuroada_cli.eval.glue",
 )
 
 _TASKS: dict[str, EvalTask] = {}      # canonical name -> task, in registration order

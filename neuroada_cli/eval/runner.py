@@ -174,7 +174,7 @@ def evaluate(
                 "value": metrics[task.metric],
                 "metrics": metrics,
                 "rule": settings.get("rule"),
-                "scoring": options.scoring,
+                "scoring": settings.get("scoring", options.scoring),  # a task may score its own way (GLUE: head)
                 "max_new_tokens": settings.get("max_new_tokens"),
                 "limit": limit,
                 "data_file": str(data.path),

@@ -18,11 +18,16 @@ def read_run_results(run_dir: Path) -> dict:
     return results.get("tasks", {}) if isinstance(results, dict) else {}
 
 
-def sweep_table(jobs: Sequence[tuple[str, Path]]):
-    """A rich Table for (job overrides, run dir) pairs, or None when no run has eval results."""
+def sweep_table(jobs: Sequence[tuple[Sequence[str], Path]]):
+    """A rich Table for (job overrides, run dir) pairs, or None when no run has eval results.
+
+    A job is labelled by the overrides that differ between jobs (what the sweep varied).
+    """
     from rich.table import Table
 
-    rows = [(label, Path(run), read_run_results(run)) for label, run in jobs]
+    shared = set.intersection(*(set(overrides) for overrides, _ in jobs)) if jobs else set()
+    rows = [(" ".join(o for o in overrides if o not in shared), Path(run), read_run_results(run))
+            for overrides, run in jobs]
     columns: dict[str, str] = {}  # task -> its primary metric, in first-seen order
     for _, _, tasks in rows:
         for name, entry in tasks.items():
