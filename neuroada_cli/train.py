@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> Path:
     # ---- processes: one Accelerator; on CPU `cpu=True` turns a --multi_gpu launch into gloo DDP.
     if t.precision == "fp16" and not torch.cuda.is_available():  # accelerate would silently run fp32
         raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32")
+    _release_accelerator_state()  # a run that failed earlier in this process (tests, sweeps) may have left one
     try:
         accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
