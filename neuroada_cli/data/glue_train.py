@@ -15,25 +15,18 @@ causal-LM token loss by the number of target tokens: every example counts once (
 """
 from __future__ import annotations
 
-import random
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .train_sets import seeded_subset
 from .glue import collate_classification, encode, glue_task, length_sorted_batches, load_split, loreft_split
-
-
-def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
-    """A seeded random subset of ``limit`` rows, kept in file order (same rule as data/train_sets.py)."""
-    if limit is None or limit >= len(rows):
-        return rows
-    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
 
 
 def train_examples(task: str, data_dir, tokenizer, max_length: int, limit: int | None, seed: int) -> list[dict]:
     spec = glue_task(task)
-    rows = _subset(load_split(spec.name, spec.train_split, data_dir), limit, seed)
+    rows = seeded_subset(load_split(spec.name, spec.train_split, data_dir), limit, seed)
     return encode(rows, tokenizer, spec.name, max_length)
 
 

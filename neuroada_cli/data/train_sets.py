@@ -73,7 +73,8 @@ def _hub_rows(dataset: str) -> list[dict]:
     return rows
 
 
-def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+def seeded_subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """``limit`` rows drawn with ``random.Random(seed)``, kept in file order (all rows when limit is None)."""
     if limit is None:
         return rows
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -105,12 +106,12 @@ def load_train_rows(dataset: str, data_dir: str | Path | None, limit: int | None
         found = find_file(stem_folder, "train")
         if found is None:
             raise _missing(dataset, directory)
-        return _subset(load_rows(found), limit, seed)
+        return seeded_subset(load_rows(found), limit, seed)
     path = Path(dataset).expanduser()
     if path.is_file():
-        return _subset(load_rows(path), limit, seed)
+        return seeded_subset(load_rows(path), limit, seed)
     if path.is_dir() and find_file(path, "train") is not None:
-        return _subset(load_rows(find_file(path, "train")), limit, seed)
+        return seeded_subset(load_rows(find_file(path, "train")), limit, seed)
     if _looks_like_path(dataset):
         raise UserError(f"training file {dataset!r} not found; check task.train_dataset")
-    return _subset(_hub_rows(dataset), limit, seed)
+    return seeded_subset(_hub_rows(dataset), limit, seed)
