@@ -1,9 +1,10 @@
 """Ways to compute the NeuroAda delta gradient g[r, j] = sum_t dY[t, r] X[t, idx[r, j]] on this machine.
 
 Compares, interleaved in one run, for the layer shapes of the step benchmark: the dense weight
-gradient dY^T X (what masked tuning and the authors' code pay), torch.sparse.sampled_addmm (our
-default), and the chunked gather + bmm fallback. Times are medians, reported as ratios to the dense
-product.   python scripts/bench_sddmm.py [--tokens 1024] [--json]
+gradient dY^T X (what masked tuning and the authors' code pay), the column path (one gathered input
+column per selected slot, our choice for k <= layer.COLUMN_PATH_MAX_K), torch.sparse.sampled_addmm
+(our choice above it), and the chunked gather + bmm fallback. Times are medians, reported as ratios
+to the dense product.   python scripts/bench_sddmm.py [--tokens 1024] [--json]
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import torch
 
 from neuroada_cli.method import selection
-from neuroada_cli.method.layer import _sddmm_gather, _sddmm_sparse
+from neuroada_cli.method.layer import _sddmm_columns, _sddmm_gather, _sddmm_sparse
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8, 20])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -30,10 +32,11 @@ def main() -> None:
     rows = []
     for d_out, d_in in shapes:
         grad_out, inputs = torch.randn(args.tokens, d_out), torch.randn(args.tokens, d_in)
-        for k in (1, 20):
+        for k in args.k:
             idx = selection.magnitude(torch.randn(d_out, d_in), k)
             strategies = {
                 "dense dW": lambda: grad_out.t() @ inputs,
+                "columns": lambda: _sddmm_columns(grad_out, inputs, idx),
                 "sampled_addmm": lambda: _sddmm_sparse(grad_out, inputs, idx),
                 "gather+bmm": lambda: _sddmm_gather(grad_out, inputs, idx),
             }
@@ -55,10 +58,10 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"delta-gradient cost as a fraction of the dense dW, {args.tokens} tokens, fp32")
-    for column in ("d_out x d_in", "k", "sampled_addmm", "gather+bmm"):
+    for column in ("d_out x d_in", "k", "columns", "sampled_addmm", "gather+bmm"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row["shape"], str(row["k"]), f"{row['sampled_addmm']:.3f}", f"{row['gather+bmm']:.3f}")
+        table.add_row(row["shape"], str(row["k"]), *(f"{row[name]:.3f}" for name in ("columns", "sampled_addmm", "gather+bmm")))
     Console().print(table)
 
 

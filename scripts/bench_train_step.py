@@ -9,8 +9,13 @@ to the floor: the frozen model with input gradients only (the least any adapter 
   masked     in-place sparse tuning: full W trainable, gradient masked to the selected cells, AdamW on W
   lora       peft LoRA, r=8, on the same target modules
 
-Peak memory is the peak RSS during the measured steps above the RSS right after set-up (Linux:
-VmHWM is reset through /proc/self/clear_refs). Usage:
+Step time is the median over the measured steps, in a process with the default allocator. Peak
+memory is the peak RSS during the steps above the RSS right after set-up (Linux: VmHWM is reset
+through /proc/self/clear_refs), measured in a separate process whose glibc mmap threshold is fixed
+(MALLOC_MMAP_THRESHOLD_): with glibc's default, the threshold adapts to freed blocks, freed tensors
+stay in the heap and the RSS peak swings by +-10 % with allocation history; fixed, every tensor is
+returned on free and the RSS peak tracks the tensors alive at once. With --repeats R every variant
+is measured R times, rounds interleaved, and medians are reported. Usage:
 
   python scripts/bench_train_step.py                      # defaults of the issue: 4 x 2048/5504, 4 x 256
   python scripts/bench_train_step.py --layers 2 --hidden 512 --intermediate 1376 --json
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import time
 
+MMAP_THRESHOLD = str(128 * 1024)  # glibc's initial default, held fixed
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--repeats", type=int, default=2, help="measure every variant this many times")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,21 +139,29 @@ def main() -> None:
     for k in args.k:
         plan += [("neuroada", k), ("reference", k), ("masked", k)]
     plan.append(("lora", 0))
-    results = []
-    for variant, k in plan:
-        command = [sys.executable, __file__, "--variant", variant, "--k", str(k or 1)] + [
-            f"--{name}={getattr(args, name)}" for name in
-            ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps", "warmup")]
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"  measured {variant} k={k or '-'}", file=sys.stderr)
+    common = [f"--{name}={getattr(args, name)}" for name in
+              ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps", "warmup")]
+    runs = {plan_key: [] for plan_key in plan}
+    for round_ in range(args.repeats):  # interleaved rounds: a load change hits every variant alike
+        for variant, k in plan:
+            command = [sys.executable, __file__, "--variant", variant, "--k", str(k or 1)] + common
+            timed = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
+            memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+            sized = subprocess.run(command + ["--steps=1"], check=True, capture_output=True, text=True,
+                                   env=memory_env).stdout  # the peak is reached within a step
+            timed, sized = (json.loads(out.strip().splitlines()[-1]) for out in (timed, sized))
+            runs[(variant, k)].append({**timed, "peak_mb": sized["peak_mb"]})
+            print(f"  round {round_ + 1}/{args.repeats}: measured {variant} k={k or '-'}", file=sys.stderr)
+    results = [{**measured[0], "step_s": statistics.median(r["step_s"] for r in measured),
+                "peak_mb": statistics.median(r["peak_mb"] for r in measured)} for measured in runs.values()]
     floor = results[0]
     for row in results:
         row["time_x_floor"] = row["step_s"] / floor["step_s"]
         row["mem_x_floor"] = row["peak_mb"] / floor["peak_mb"]
         masked = next((r for r in results if r["variant"] == "masked" and r["k"] == row["k"]), None)
         row["mem_x_masked"] = row["peak_mb"] / masked["peak_mb"] if masked and row["variant"] == "neuroada" else None
-    setup = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps")}
+    setup = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads",
+                                           "steps", "repeats")}
     if args.json:
         print(json.dumps({"setup": setup, "results": results}, indent=2))
         return

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import UserError
 from . import selection
 from .config import NeuroAdaConfig
-from .layer import NeuroAdaLinear
+from .layer import COMPACT_INPUT_FRACTION, NeuroAdaLinear
 
 _REGEX_CHARS = set(".*+?[](){}|^$\\")
 
@@ -139,6 +139,26 @@ def _gradient_scores(model: nn.Module, targets: dict[str, nn.Linear], batches, k
     return result
 
 
+def _compact_input_layers(targets: dict[str, nn.Linear], chosen: dict[str, torch.Tensor]) -> set[str]:
+    """Layers that should keep only their selected input columns for backward (see NeuroAdaLinear).
+
+    Layers of one parent with the same input width usually read the same tensor (q/k/v, gate/up), which
+    a full save shares among them; separate column copies pay off only if, together, they are small. So
+    a group compacts when its layers' selected columns add up to at most COMPACT_INPUT_FRACTION of d_in.
+    """
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, module in targets.items():
+        groups.setdefault((name.rpartition(".")[0], module.in_features), []).append(name)
+    compact = set()
+    for (_, d_in), names in groups.items():
+        if any(chosen[n].is_meta for n in names):
+            continue  # meta models (parameter counting) have no values to compact
+        width = sum(torch.unique(chosen[n]).numel() for n in names)
+        if width <= COMPACT_INPUT_FRACTION * d_in:
+            compact.update(names)
+    return compact
+
+
 def inject(
     model: nn.Module,
     config: NeuroAdaConfig,
@@ -155,18 +175,23 @@ def inject(
         param.requires_grad_(False)
     if indices is None and config.selection == "gradient":
         indices = _gradient_scores(model, targets, gradient_batches or [], config.k)
+    chosen = {}
     for name, module in targets.items():
         if indices is not None:
             if name not in indices:
                 raise UserError(f"the adapter has no indices for layer {name!r}; it was made for another model")
-            idx = indices[name]
+            chosen[name] = indices[name]
         elif config.selection == "magnitude":
-            idx = selection.magnitude(module.weight, config.k)
+            chosen[name] = selection.magnitude(module.weight, config.k)
         elif config.selection == "reverse":
-            idx = selection.reverse(module.weight, config.k)
+            chosen[name] = selection.reverse(module.weight, config.k)
         else:
-            idx = selection.random_columns(*module.weight.shape, config.k, config.seed, name, module.weight.device)
-        _replace(model, name, NeuroAdaLinear(module, idx, impl=config.impl, train_bias=config.train_bias))
+            chosen[name] = selection.random_columns(*module.weight.shape, config.k, config.seed, name,
+                                                    module.weight.device)
+    compact = _compact_input_layers(targets, chosen)
+    for name, module in targets.items():
+        _replace(model, name, NeuroAdaLinear(module, chosen[name], impl=config.impl, train_bias=config.train_bias,
+                                             compact_input=name in compact))
     for saved in _saved_module_names(model, config.modules_to_save):
         for param in model.get_submodule(saved).parameters():
             param.requires_grad_(True)
