@@ -69,6 +69,14 @@ def test_generation_stops_each_sequence_at_its_eos(model):
     assert any(len(seq) < 12 for seq in expected) and any(len(seq) > 2 for seq in expected)
     assert generate_ids(model, tokenizer, ids, max_new_tokens=12, batch_size=1) == expected
     assert generate_ids(model, tokenizer, ids, max_new_tokens=12, batch_size=4) == expected
+    rows_per_forward = []  # one batch of all prompts: its row count may only shrink as rows finish
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        assert generate_ids(model, tokenizer, ids, max_new_tokens=12, batch_size=len(ids)) == expected
+    finally:
+        hook.remove()
+    assert rows_per_forward[0] == len(ids) and min(rows_per_forward) < len(ids)
     texts = generate_texts(model, tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2)
     assert texts == tokenizer.batch_decode(expected[:2], skip_special_tokens=True)
 

@@ -6,14 +6,18 @@ single token compared with batch size 1, so:
 
 * prompts are tokenised exactly like training does it (the tokenizer's own special prefix such as
   Llama's bos, then the text without special tokens; see ``data/tokenize.py``);
-* batches are LEFT padded with an attention mask; ``generate`` derives position ids from the mask,
-  so a padded prompt sees the same positions as an unpadded one;
+* batches are LEFT padded with an attention mask and explicit position ids derived from it, so a
+  padded prompt sees the same positions as an unpadded one;
 * prompts are sorted longest first, so each batch holds prompts of similar length (less padding,
   and the first batch shows the peak memory at once), and outputs are put back in input order;
-* every sequence is cut at its first eos; what ``generate`` appends after that is padding.
+* the decode loop is our own (KV cache, only the last position projected onto the vocabulary): a
+  row that emits eos leaves the batch at once, its cache rows dropped, so the few answers that run
+  to the token limit do not make every finished row in their batch pay for each further step
+  (``model.generate`` keeps computing finished rows until the whole batch is done).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -63,19 +67,51 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+def _forward_parameters(model) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
-def _generation_config(max_new_tokens: int, pad_id: int, eos_id: int):
-    from transformers import GenerationConfig
+def accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in _forward_parameters(model)
 
-    # A fresh config: the model's own generation_config may carry sampling defaults (temperature,
-    # top_p) that must not leak into greedy decoding.
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-        eos_token_id=eos_id, use_cache=True,
-    )
+
+def _greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  eos_id: int) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch (eos excluded); finished rows leave the batch."""
+    from transformers import DynamicCache
+
+    outputs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    live = list(range(input_ids.shape[0]))  # original row of each row still in the batch
+    cache = DynamicCache(config=model.config)
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    # transformers 5.x renamed the forward's cache argument; older models still take past_key_values
+    cache_arg = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+    mask = attention_mask
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids = input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{cache_arg: cache}, **keep_last).logits[:, -1]
+        next_ids = logits.argmax(-1)
+        unfinished = []
+        for row, (original, token) in enumerate(zip(live, next_ids.tolist())):
+            if token != eos_id:
+                outputs[original].append(token)
+                unfinished.append(row)
+        if not unfinished or step == max_new_tokens - 1:
+            break
+        if len(unfinished) < len(live):
+            rows = torch.tensor(unfinished, device=input_ids.device)
+            cache.batch_select_indices(rows)
+            live = [live[row] for row in unfinished]
+            mask, positions, next_ids = mask[rows], positions[rows], next_ids[rows]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        step_ids = next_ids.unsqueeze(1)
+    return outputs
 
 
 def generate_ids(
@@ -93,7 +129,6 @@ def generate_ids(
     if any(len(ids) == 0 for ids in prompt_ids):
         raise UserError("an eval prompt tokenised to zero tokens; check the data file")
     pad_id, eos_id = pad_token_id(tokenizer), eos_token_id(tokenizer)
-    config = _generation_config(max_new_tokens, pad_id, eos_id)
     device = next(model.parameters()).device
     outputs: list[list[int] | None] = [None] * len(prompt_ids)
     was_training = model.training
@@ -102,12 +137,9 @@ def generate_ids(
         with torch.inference_mode():
             for batch in length_sorted_batches([len(ids) for ids in prompt_ids], batch_size):
                 input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], pad_id, device)
-                generated = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-                )
-                new_tokens = generated[:, input_ids.shape[1]:].tolist()
-                for row, index in enumerate(batch):
-                    outputs[index] = _cut_at_eos(new_tokens[row], eos_id)
+                continuations = _greedy_batch(model, input_ids, attention_mask, max_new_tokens, eos_id)
+                for index, tokens in zip(batch, continuations):
+                    outputs[index] = tokens
                 if advance is not None:
                     advance(len(batch))
     finally:

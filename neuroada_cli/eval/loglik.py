@@ -21,14 +21,13 @@ the positions that are scored are projected onto the vocabulary (``logits_to_kee
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from ..errors import UserError
-from .generation import encode, left_pad, length_sorted_batches, pad_token_id
+from .generation import accepts_logits_to_keep, encode, left_pad, length_sorted_batches, pad_token_id
 
 
 @dataclass
@@ -78,17 +77,10 @@ def _plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], sha
     return rows, counts
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _run_rows(model, rows: list[_Row], pad_id: int, batch_size: int, totals: list[list[float]],
               advance_rows: Callable[[list[_Row]], None] | None) -> None:
     device = next(model.parameters()).device
-    use_keep = _accepts_logits_to_keep(model)
+    use_keep = accepts_logits_to_keep(model)
     for batch in length_sorted_batches([len(row.ids) for row in rows], batch_size):
         chosen = [rows[b] for b in batch]
         input_ids, attention_mask = left_pad([row.ids for row in chosen], pad_id, device)
