@@ -48,6 +48,7 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    modules_to_save: Optional[List[str]] = None  # trained fully; null = PEFT's default (the classifier head)
 
 
 @dataclass

@@ -36,8 +36,10 @@ def attach(cfg: DictConfig, model, gradient_batches, resume_from):
         peft = import_peft()
         lo = cfg.lora
         task_type = "CAUSAL_LM" if cfg.task.kind == "causal_lm" else "SEQ_CLS"
+        saved = list(lo.modules_to_save) if lo.modules_to_save is not None else None
         lora_config = peft.LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                      target_modules=list(lo.target_modules), task_type=task_type)
+                                      target_modules=list(lo.target_modules), task_type=task_type,
+                                      modules_to_save=saved)
         try:
             model = peft.get_peft_model(model, lora_config)
         except ValueError as err:

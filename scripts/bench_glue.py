@@ -56,7 +56,7 @@ def attach(variant: str, model):
         import peft
 
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"],
-                                 task_type="SEQ_CLS")
+                                 task_type="SEQ_CLS", modules_to_save=["classifier", "pooler"])
         return peft.get_peft_model(model, config)
     for param in model.parameters():
         param.requires_grad_(True)

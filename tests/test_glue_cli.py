@@ -103,3 +103,15 @@ def test_bad_inputs_give_one_line_errors(bert_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_baseline_trains_the_same_head_as_neuroada(bert_dir, data_dir, tmp_path):
+    """minilm_glue's LoRA baseline trains classifier AND pooler fully, like the NeuroAda recipe."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "lora"
+    overrides = [o for o in tiny_overrides(bert_dir, data_dir, run) if not o.startswith("trainer.epochs")]
+    assert main(["train", "recipe=minilm_glue", "task=glue/rte", "method=lora", "trainer.epochs=1", *overrides]) == 0
+    keys = load_file(str(run / "adapter" / "adapter_model.safetensors")).keys()
+    assert any("pooler" in key for key in keys) and any("classifier" in key for key in keys)
+    assert any("lora_A" in key for key in keys)
