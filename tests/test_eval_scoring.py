@@ -6,7 +6,8 @@ import torch
 
 from conftest import make_tokenizer, tiny_llama
 from neuroada_cli.errors import UserError
-from neuroada_cli.eval.generation import encode, generate_ids, generate_texts, left_pad, length_sorted_batches
+from neuroada_cli.data.batching import length_sorted_batches
+from neuroada_cli.eval.generation import encode, generate_ids, generate_texts, left_pad
 from neuroada_cli.eval.loglik import _plan_rows, choose, score_continuations
 
 PROMPTS = [

@@ -10,8 +10,9 @@ import torch
 
 from neuroada_cli import paths
 from neuroada_cli.data import glue
-from neuroada_cli.data.glue import (GLUE_TASKS, collate_classification, encode, glue_task, length_sorted_batches,
-                                    load_split, loreft_split, loreft_split_indices)
+from neuroada_cli.data.batching import length_sorted_batches
+from neuroada_cli.data.glue import (GLUE_TASKS, collate_classification, encode, glue_task, load_split, loreft_split,
+                                    loreft_split_indices)
 from neuroada_cli.errors import UserError
 
 RTE_ROWS = [

@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 
 @dataclass
 class BatchPlan:
@@ -76,3 +78,17 @@ def split_global_batch(batch: list[int], rank: int, world_size: int, micro_batch
         raise ValueError(f"a global batch of {len(batch)} cannot be split into {world_size} x {micro_batch_size}")
     micro = [batch[i:i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
     return micro[rank::world_size]
+
+
+def length_sorted_batches(examples: list, batch_size: int) -> list[list[int]]:
+    """Eval batches as index lists, longest first, so each batch pads little (no shuffling, no dropping).
+
+    ``examples`` are encoded examples (dicts with input_ids) or plain lengths. Put predictions
+    back with the indices: ``preds[i] for batch in batches for i in batch`` are in that order.
+    Longest first also surfaces an out-of-memory batch at once, not at the end.
+    """
+    if batch_size < 1:
+        raise UserError(f"eval.batch_size={batch_size!r} must be >= 1")
+    lengths = [e if isinstance(e, int) else len(e["input_ids"]) for e in examples]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

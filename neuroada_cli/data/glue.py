@@ -9,7 +9,8 @@ API (everything a GLUE train/eval integration needs from the data side)::
     loreft_split_indices(n, seed=42) -> (selection_indices, report_indices)
     encode(rows, tokenizer, task, max_length) -> list[dict]
     collate_classification(examples, pad_id, regression=None) -> dict[str, torch.Tensor]
-    length_sorted_batches(examples, batch_size) -> list[list[int]]
+
+Eval batches come from ``data.batching.length_sorted_batches`` (shared with the LLM eval).
 
 Data layout: ``<data dir>/glue/<task>/<split>.jsonl`` or ``.jsonl.gz``, one JSON object per line with
 the Hugging Face ``glue`` columns and label encodings (see GlueTask.text_columns / label_names;
@@ -317,17 +318,3 @@ def collate_classification(examples: list[dict], pad_id: int, regression: bool |
         batch["token_type_ids"] = token_type_ids
     batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
     return batch
-
-
-def length_sorted_batches(examples: list, batch_size: int) -> list[list[int]]:
-    """Eval batches as index lists, longest first, so each batch pads little.
-
-    ``examples`` are encoded examples (dicts with input_ids) or plain lengths. Put predictions
-    back with the indices: ``preds[i] for batch in batches for i in batch`` are in that order.
-    Longest first also surfaces an out-of-memory batch at once, not at the end.
-    """
-    if batch_size < 1:
-        raise UserError(f"eval.batch_size={batch_size!r} must be >= 1")
-    lengths = [e if isinstance(e, int) else len(e["input_ids"]) for e in examples]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .train_sets import seeded_subset
-from .glue import collate_classification, encode, glue_task, length_sorted_batches, load_split, loreft_split
+from .batching import length_sorted_batches
+from .glue import collate_classification, encode, glue_task, load_split, loreft_split
 
 
 def train_examples(task: str, data_dir, tokenizer, max_length: int, limit: int | None, seed: int) -> list[dict]:

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..data.batching import length_sorted_batches
 from ..data.tokenize import special_prefix_ids
 from ..errors import UserError
 
@@ -59,12 +60,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
             input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
             attention_mask[row, width - len(seq):] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches, longest first (stable for equal lengths)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _forward_parameters(model) -> set[str]:

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import UserError
-from .generation import accepts_logits_to_keep, encode, left_pad, length_sorted_batches, pad_token_id
+from ..data.batching import length_sorted_batches
+from .generation import accepts_logits_to_keep, encode, left_pad, pad_token_id
 
 
 @dataclass
