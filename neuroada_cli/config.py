@@ -19,10 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import paths
 from .config_schema import (
-    DTYPES, FAMILIES, IMPLS, KINDS, METHODS, OPTIMIZERS, PRECISIONS, SCHEDULERS, SCORINGS, SELECTIONS,
-    RunConfig, _schema_keys, _section_schema, _valid_keys_text, section_keys,
+    IMPLS, METHODS, OPTIMIZERS, PRECISIONS, SCHEDULERS, SCORINGS, SELECTIONS, RunConfig, _schema_keys, _section_schema,
+    _valid_keys_text, section_keys,
 )
 from .errors import UserError
+from .models import DTYPES, FAMILIES, KINDS
 
 # -------------------------------------------------------------------------------------- resolvers
 _RUN_STAMP: list[str] = []

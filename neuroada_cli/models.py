@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -345,3 +346,11 @@ def _set_or_add_pad(model, tokenizer, token: str) -> None:
     # Many checkpoints have spare embedding rows; only grow when the new id does not fit.
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+
+
+def forward_accepts(model, argument: str) -> bool:
+    """Whether ``model.forward`` takes ``argument`` (e.g. ``logits_to_keep``, or ``cache`` in transformers 5)."""
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -32,7 +32,6 @@ Features and the config keys that drive them:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import time
@@ -44,9 +43,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import methods, run_dir
 from .data.batching import BatchPlan, split_global_batch
+from .data.tokenize import IGNORE_INDEX
 from .errors import UserError
 
-IGNORE_INDEX = -100
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -90,7 +89,9 @@ def train(cfg: DictConfig) -> Path:
     classify = cfg.task.kind == "sequence_classification"
     rows = None if classify else _load_rows(cfg)
     if cfg.eval.after_train:
-        _check_eval_inputs(cfg)  # a missing test file should fail now, not after hours of training
+        from .eval.runner import check_eval_inputs
+
+        check_eval_inputs(cfg)  # a missing test file should fail now, not after hours of training
     model, tokenizer = _load_model(cfg, resume_from)
     if classify:
         glue_train.set_head_dropout(model, cfg.task.head_dropout)
@@ -324,20 +325,6 @@ def _select_best(cfg, model, tokenizer, selection, step: int, best: dict | None,
     return best
 
 
-def _check_eval_inputs(cfg: DictConfig) -> None:
-    from . import paths
-    from .eval.base import EvalOptions
-    from .eval.registry import resolve_tasks
-
-    e = cfg.eval
-    options = EvalOptions(batch_size=e.batch_size, scoring=e.scoring, max_new_tokens=e.max_new_tokens,
-                          commonsense_rule=e.commonsense_rule, aqua_rule=e.aqua_rule).validate()
-    data_dir = paths.data_dir(cfg.data.dir)
-    for task in resolve_tasks(e.tasks, cfg.task.eval_suite):
-        task.check(options)
-        task.load(data_dir, 1)
-
-
 def _load_model(cfg: DictConfig, resume_from):
     from .models import load_model_and_tokenizer
 
@@ -351,8 +338,9 @@ def _load_model(cfg: DictConfig, resume_from):
 
 def _accepts_logit_mask(model) -> bool:
     """transformers causal LMs take ``logits_to_keep`` (a boolean [batch, seq] mask keeps those positions)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    from .models import forward_accepts
+
+    return forward_accepts(model.get_base_model() if hasattr(model, "get_base_model") else model, "logits_to_keep")
 
 
 def _token_loss_sum(model, batch: dict, slice_logits: bool) -> torch.Tensor:

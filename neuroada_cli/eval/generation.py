@@ -17,7 +17,6 @@ single token compared with batch size 1, so:
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from ..data.batching import length_sorted_batches
 from ..data.tokenize import special_prefix_ids
 from ..errors import UserError
+from ..models import forward_accepts
 
 
 def pad_token_id(tokenizer) -> int:
@@ -62,17 +62,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _forward_parameters(model) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in _forward_parameters(model)
-
-
 def _greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   eos_id: int) -> list[list[int]]:
     """Greedy continuations of one left-padded batch (eos excluded); finished rows leave the batch."""
@@ -81,9 +70,9 @@ def _greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     outputs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     live = list(range(input_ids.shape[0]))  # original row of each row still in the batch
     cache = DynamicCache(config=model.config)
-    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    keep_last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
     # transformers 5.x renamed the forward's cache argument; older models still take past_key_values
-    cache_arg = "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+    cache_arg = "cache" if forward_accepts(model, "cache") else "past_key_values"
     mask = attention_mask
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     step_ids = input_ids

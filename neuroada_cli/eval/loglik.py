@@ -28,7 +28,8 @@ import torch
 
 from ..errors import UserError
 from ..data.batching import length_sorted_batches
-from .generation import accepts_logits_to_keep, encode, left_pad, pad_token_id
+from ..models import forward_accepts
+from .generation import encode, left_pad, pad_token_id
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], sha
 def _run_rows(model, rows: list[_Row], pad_id: int, batch_size: int, totals: list[list[float]],
               advance_rows: Callable[[list[_Row]], None] | None) -> None:
     device = next(model.parameters()).device
-    use_keep = accepts_logits_to_keep(model)
+    use_keep = forward_accepts(model, "logits_to_keep")
     for batch in length_sorted_batches([len(row.ids) for row in rows], batch_size):
         chosen = [rows[b] for b in batch]
         input_ids, attention_mask = left_pad([row.ids for row in chosen], pad_id, device)

@@ -8,7 +8,7 @@ case-insensitively against each task's ``name`` and ``aliases`` (plus its data `
 from __future__ import annotations
 
 import importlib
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from ..errors import UserError
 from .base import EvalTask
@@ -27,9 +27,6 @@ _LOADED: list[bool] = []
 def register(task: EvalTask) -> EvalTask:
     """Add a task (and its aliases); a name already taken by another task is an error."""
     keys = {task.name.lower(), *(alias.lower() for alias in task.aliases)}
-    directory = getattr(task, "directory", None)
-    if directory:
-        keys.add(str(directory).lower())
     for key in keys:
         owner = _LOOKUP.get(key)
         if owner is not None and owner != task.name:
@@ -94,7 +91,3 @@ def resolve_tasks(names: Sequence[str] | str | None, suite: str | None = None) -
         "no eval tasks: set eval.tasks=[boolq,piqa] or task.eval_suite "
         f"({', '.join(suites())})"
     )
-
-
-def names(tasks: Iterable[EvalTask]) -> list[str]:
-    return [task.name for task in tasks]

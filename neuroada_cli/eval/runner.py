@@ -293,6 +293,27 @@ def prepare_model(cfg, *, adapter: str | os.PathLike | None, model=None, tokeniz
     return model, tokenizer, info
 
 
+def check_eval_inputs(cfg) -> tuple[list[EvalTask], Path]:
+    """Resolve the eval tasks of ``cfg`` and check options and test files (fast one-line errors).
+
+    Used before loading a model here and before training (a missing test file should fail at once).
+    """
+    from .. import paths
+
+    e = cfg["eval"]
+    data_dir = paths.data_dir(_value(cfg, "data.dir"))
+    tasks = resolve_tasks(_value(cfg, "eval.tasks"), _value(cfg, "task.eval_suite"))
+    # Optional task hook: bind run values a task's data depends on (GLUE: the seeded split, max length).
+    run_values = {"seed": _value(cfg, "trainer.seed"), "max_length": _value(cfg, "data.max_length")}
+    tasks = [task.configure(**run_values) if callable(getattr(task, "configure", None)) else task for task in tasks]
+    options = EvalOptions(batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
+                          commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"]).validate()
+    for task in tasks:
+        task.check(options)
+        task.load(data_dir, 1)  # the test file exists and parses
+    return tasks, data_dir
+
+
 def run_eval_from_config(
     cfg,
     *,
@@ -311,21 +332,10 @@ def run_eval_from_config(
     default output folder ``<run>/eval``. ``model``/``tokenizer``: an in-memory model (e.g. right after
     training) instead of loading ``cfg.model``; it is merged in place when ``eval.merge`` is true.
     """
-    from .. import paths
-
     e = cfg["eval"]
     adapter = adapter if adapter is not None else _value(cfg, "eval.adapter")
     run_dir = run_dir if run_dir is not None else _value(cfg, "eval.run_dir")
-    data_dir = paths.data_dir(_value(cfg, "data.dir"))
-    tasks = resolve_tasks(_value(cfg, "eval.tasks"), _value(cfg, "task.eval_suite"))
-    # Optional task hook: bind run values a task's data depends on (GLUE: the seeded split, max length).
-    run_values = {"seed": _value(cfg, "trainer.seed"), "max_length": _value(cfg, "data.max_length")}
-    tasks = [task.configure(**run_values) if callable(getattr(task, "configure", None)) else task for task in tasks]
-    options = EvalOptions(batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
-                          commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"]).validate()
-    for task in tasks:
-        task.check(options)
-        task.load(data_dir, 1)  # the test file exists and parses
+    tasks, data_dir = check_eval_inputs(cfg)
     model, tokenizer, info = prepare_model(cfg, adapter=adapter, model=model, tokenizer=tokenizer)
     if run_dir is not None:
         info["run_dir"] = str(run_dir)

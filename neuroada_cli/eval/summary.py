@@ -5,17 +5,14 @@ are listed with their run directory and "-" values, so a partly evaluated sweep 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
+from .runner import read_results
+
 
 def read_run_results(run_dir: Path) -> dict:
-    try:
-        results = json.loads((Path(run_dir) / "eval" / "results.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return results.get("tasks", {}) if isinstance(results, dict) else {}
+    return read_results(Path(run_dir) / "eval")["tasks"]
 
 
 def sweep_table(jobs: Sequence[tuple[Sequence[str], Path]]):
