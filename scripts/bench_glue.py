@@ -25,8 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ("neuroada_k1", "neuroada_k20", "full", "lora_r8")
-ENCODER_TARGETS = [r".*\.attention\.self\.(query|key|value)", r".*\.attention\.output\.dense",
-                   r".*\.intermediate\.dense", r".*\.layer\.\d+\.output\.dense"]
 
 
 def parse_args(argv=None):
@@ -44,23 +42,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def attach(variant: str, model):
-    """The method as train.py applies it with recipe=minilm_glue (neuroada / lora / full)."""
-    if variant.startswith("neuroada"):
-        from neuroada_cli import NeuroAdaConfig, inject
+def attach(variant: str, model, args):
+    """The method exactly as ``neuroada train recipe=minilm_glue`` applies it (same composed config)."""
+    from neuroada_cli import config, methods
 
-        k = int(variant.rsplit("k", 1)[1])
-        config = NeuroAdaConfig(k=k, target_modules=ENCODER_TARGETS, modules_to_save=["classifier", "pooler"])
-        return inject(model, config)
-    if variant == "lora_r8":
-        import peft
-
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"],
-                                 task_type="SEQ_CLS", modules_to_save=["classifier", "pooler"])
-        return peft.get_peft_model(model, config)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
+    method = {"neuroada_k1": "neuroada", "neuroada_k20": "neuroada", "full": "full", "lora_r8": "lora"}[variant]
+    overrides = [f"task=glue/{args.task}", f"model.name_or_path={args.model}", f"method={method}"]
+    if method == "neuroada":
+        overrides.append(f"neuroada.k={variant.rsplit('k', 1)[1]}")
+    cfg = config.validate(config.compose("minilm_glue", overrides), world_size=1)
+    return methods.attach(cfg, model, gradient_batches=None, resume_from=None)
 
 
 def worker(args) -> dict:
@@ -90,7 +81,7 @@ def worker(args) -> dict:
     evaluation = (evaluation * (args.eval_examples // max(len(evaluation), 1) + 1))[:args.eval_examples]
     pad = tokenizer.pad_token_id
 
-    model = attach(args.worker, model)
+    model = attach(args.worker, model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
