@@ -84,3 +84,11 @@ def shared_data_dir():
     if not (SHARED_DATA_DIR / "llm_adapters").is_dir():
         pytest.skip(f"{SHARED_DATA_DIR} is not present on this machine")
     return SHARED_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT checkpoint folder with its WordPiece tokenizer (read-only for tests)."""
+    from glue_fixtures import tiny_bert_dir
+
+    return tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"))

@@ -3,19 +3,12 @@ a base model and of a run, a sweep summary, and one-line errors (subprocess) for
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from glue_fixtures import glue_rows, tiny_bert_dir, write_glue_task, write_jsonl
+from glue_fixtures import glue_rows, write_glue_task, write_jsonl
 from neuroada_cli.cli import main
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"))
+from test_train import cli
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +69,6 @@ def test_eval_of_the_base_model_and_a_sweep_summary(bert_dir, data_dir, tmp_path
     assert (sweep / "0/eval/results.json").is_file() and (sweep / "1/eval/results.json").is_file()
 
 
-def run_cli(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "neuroada_cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
-
-
 def test_bad_inputs_give_one_line_errors(bert_dir, tmp_path):
     bad_label = tmp_path / "bad_label"
     write_jsonl(bad_label / "glue/rte/train.jsonl", glue_rows("rte", 4)[:3] + [
@@ -97,7 +84,7 @@ def test_bad_inputs_give_one_line_errors(bert_dir, tmp_path):
         (["eval", "recipe=minilm_glue", "task=glue/rte", "eval.tasks=[glue/wnli]"], "glue/wnli"),
     ]
     for args, needle in cases:
-        result = run_cli(*args, cwd=tmp_path)
+        result = cli(*args, cwd=tmp_path, check=False, timeout=120)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (args, result.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glue_fixtures import glue_rows, tiny_bert_dir, tiny_roberta_dir, write_glue_task
+from glue_fixtures import glue_rows, tiny_roberta_dir, write_glue_task
 from neuroada_cli import NeuroAdaConfig, count_parameters, inject, load_adapter, neuroada_layers, save_adapter
 from neuroada_cli.data import glue_train
 from neuroada_cli.data.glue import encode
@@ -16,11 +16,6 @@ from neuroada_cli.models import load_model_and_tokenizer
 
 ENCODER_TARGETS = [r".*\.attention\.self\.(query|key|value)", r".*\.attention\.output\.dense",
                    r".*\.intermediate\.dense", r".*\.layer\.\d+\.output\.dense"]
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")

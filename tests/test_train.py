@@ -54,10 +54,11 @@ def deltas(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def cli(*args: str, cwd: Path | None = None, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300,
+        **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "neuroada_cli", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=300, **popen)
+                            text=True, timeout=timeout, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"neuroada {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -198,11 +199,11 @@ def test_fp16_on_cpu_is_refused(tiny_llama_dir, data_dir, tmp_path):
         train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=1) + ["trainer.precision=fp16"])
 
 
-def test_glue_classification_keeps_the_best_epoch(tmp_path):
+def test_glue_classification_keeps_the_best_epoch(tmp_path, bert_dir):
     """sequence_classification through the same loop: loss per example, selection after every epoch."""
-    from glue_fixtures import tiny_bert_dir, write_glue_task
+    from glue_fixtures import write_glue_task
 
-    model_dir = tiny_bert_dir(tmp_path / "bert")
+    model_dir = bert_dir
     data = write_glue_task(tmp_path / "data", "rte")
     run = train_in_process([
         "task=glue/rte", f"model.name_or_path={model_dir}", "model.family=bert", f"data.dir={data}",
