@@ -15,7 +15,8 @@ from .errors import UserError
 
 def export(run: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     from .config import load_run_config
-    from .models import load_model_and_tokenizer
+    from .eval.runner import prepare_model
+    from .models import drop_quantization
 
     run = Path(run)
     cfg = load_run_config(run)
@@ -26,20 +27,9 @@ def export(run: str | os.PathLike, output: str | os.PathLike | None = None) -> P
     if target.exists() and any(target.iterdir()):
         raise UserError(f"export target {str(target)!r} is not empty; pass output=ANOTHER_PATH or remove it")
 
-    source = str(adapter) if cfg.method == "full" else cfg.model.name_or_path
-    model, tokenizer = load_model_and_tokenizer(
-        source, kind=cfg.task.kind, dtype=cfg.model.dtype, gguf_file=None if cfg.method == "full" else cfg.model.gguf_file,
-        family=cfg.model.family, num_labels=cfg.task.num_labels, problem_type=cfg.task.problem_type,
-    )
-    if cfg.method == "neuroada":
-        from . import load_adapter, unload
-
-        model = unload(load_adapter(model, adapter))
-    elif cfg.method == "lora":
-        from .methods import import_peft
-
-        model = import_peft().PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    _drop_quantization(model)
+    cfg.eval.merge = True  # an export is always merged, whatever the run chose for its evaluation
+    model, tokenizer, _ = prepare_model(cfg, adapter=adapter)
+    drop_quantization(model)
 
     # Write next to the target and rename: an interrupted export leaves no half checkpoint behind.
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,14 +43,3 @@ def export(run: str | os.PathLike, output: str | os.PathLike | None = None) -> P
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _drop_quantization(model) -> None:
-    """A merged model is plain dense weights; a leftover quantizer would make save/load treat it otherwise."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if getattr(model, flag, False):
-            setattr(model, flag, False)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config

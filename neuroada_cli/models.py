@@ -182,10 +182,7 @@ def _convert_gguf(source: ModelSource, target: Path, fingerprint: dict) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 source.location, gguf_file=source.gguf_file, dtype=torch.float32
             )
-            # The weights are already dequantised; without these transformers refuses to save.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
+            drop_quantization(model)  # the weights are already dequantised; else transformers refuses to save
             # GGUF tokenizers come without a length limit; the context size is the sensible one.
             tokenizer.model_max_length = model.config.max_position_embeddings
             model.save_pretrained(temporary)
@@ -354,3 +351,15 @@ def forward_accepts(model, argument: str) -> bool:
         return argument in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def drop_quantization(model) -> None:
+    """Mark dense (dequantised or merged) weights as such: a leftover quantizer makes save/load refuse or
+    treat the checkpoint as quantized."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config

@@ -272,9 +272,9 @@ def prepare_model(cfg, *, adapter: str | os.PathLike | None, model=None, tokeniz
         if not adapter_path.is_dir():
             raise UserError(f"adapter {str(adapter)!r} not found; pass the adapter/ folder of a training run")
         if method == "lora":
-            from peft import PeftModel
+            from ..methods import import_peft
 
-            model = PeftModel.from_pretrained(model, str(adapter_path))
+            model = import_peft().PeftModel.from_pretrained(model, str(adapter_path))
         else:
             from .. import load_adapter
 
