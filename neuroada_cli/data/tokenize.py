@@ -43,8 +43,6 @@ def special_prefix_ids(tokenizer) -> list[int]:
     return []
 
 
-
-
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token; causal-LM training needs one (pick a causal LM model)")

@@ -136,14 +136,14 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, input_cols, local_idx, factors):
-        ctx.mode, kept = None, ()
+        kept = ()  # the two factors of x, or x (or its selected columns): what the delta gradient reads
         if delta.requires_grad:
             if factors is not None:
-                ctx.mode, kept = "factors", factors
+                kept = factors
             elif input_cols is not None:
-                ctx.mode, kept = "columns", (x.reshape(-1, x.shape[-1]).index_select(1, input_cols),)
+                kept = (x.reshape(-1, x.shape[-1]).index_select(1, input_cols),)
             else:
-                ctx.mode, kept = "input", (x,)
+                kept = (x,)
         grad_idx = idx if input_cols is None else local_idx
         ctx.save_for_backward(weight, grad_idx, input_cols, *kept)
         ctx.has_bias = bias is not None
@@ -162,7 +162,7 @@ class _FusedLinear(torch.autograd.Function):
             grad_bias = flat_grad.sum(0)
         if ctx.needs_input_grad[3]:
             flat = [t.reshape(-1, t.shape[-1]) for t in kept]
-            if ctx.mode == "factors":
+            if len(flat) == 2:  # factors: x = a * b, recomputed (at the selected columns only, if compact)
                 if input_cols is not None:
                     flat = [t.index_select(1, input_cols) for t in flat]
                 flat = [flat[0] * flat[1]]
