@@ -100,18 +100,22 @@ def load_train_rows(dataset: str, data_dir: str | Path | None, limit: int | None
     if not isinstance(dataset, str) or not dataset.strip():
         raise UserError("task.train_dataset is empty; give a stem such as commonsense_15k, a JSON path or a hub id")
     dataset = dataset.strip()
-    directory = paths.data_dir(data_dir)
-    stem_folder = directory / "llm_adapters" / dataset
+    return seeded_subset(_all_rows(dataset, paths.data_dir(data_dir)), limit, seed)
+
+
+def _all_rows(dataset: str, directory: Path) -> list[dict]:
+    """Every row of a stem (under ``directory``), a JSON file or folder, or a hub dataset, in that order."""
     if "/" not in dataset and os.sep not in dataset and not dataset.endswith(_JSON_SUFFIXES):
-        found = find_file(stem_folder, "train")
+        found = find_file(directory / "llm_adapters" / dataset, "train")
         if found is None:
             raise _missing(dataset, directory)
-        return seeded_subset(load_rows(found), limit, seed)
+        return load_rows(found)
     path = Path(dataset).expanduser()
     if path.is_file():
-        return seeded_subset(load_rows(path), limit, seed)
-    if path.is_dir() and find_file(path, "train") is not None:
-        return seeded_subset(load_rows(find_file(path, "train")), limit, seed)
+        return load_rows(path)
+    found = find_file(path, "train") if path.is_dir() else None
+    if found is not None:
+        return load_rows(found)
     if _looks_like_path(dataset):
         raise UserError(f"training file {dataset!r} not found; check task.train_dataset")
-    return seeded_subset(_hub_rows(dataset), limit, seed)
+    return _hub_rows(dataset)
