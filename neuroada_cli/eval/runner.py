@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..run_dir import write_atomic
 from .base import EvalOptions, EvalTask, TaskData
 from .registry import get_task, resolve_tasks
 
@@ -27,17 +28,6 @@ RESULTS_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------ files
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _count_lines(path: Path) -> int:
     if not path.is_file():
         return -1
