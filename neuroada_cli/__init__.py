@@ -1,4 +1,6 @@
 """neuroada: NeuroAda fine-tuning (neuron-wise sparse bypasses) from the command line and as a library."""
+from importlib import metadata as _metadata
+
 from .method import (
     NeuroAdaConfig,
     NeuroAdaLinear,
@@ -13,9 +15,13 @@ from .method import (
     unload,
     unmerge,
 )
+from .method.peft_tuner import NeuroAdaPeftConfig  # importing it registers NeuroAda with PEFT
 
-__version__ = "0.1.0"
+try:  # the one version number lives in pyproject.toml
+    __version__ = _metadata.version("neuroada")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = [
-    "NeuroAdaConfig", "NeuroAdaLinear", "ParameterCount", "count_parameters", "inject", "load_adapter",
-    "merge", "neuroada_layers", "save_adapter", "set_impl", "unload", "unmerge", "__version__",
+    "NeuroAdaConfig", "NeuroAdaLinear", "NeuroAdaPeftConfig", "ParameterCount", "count_parameters", "inject",
+    "load_adapter", "merge", "neuroada_layers", "save_adapter", "set_impl", "unload", "unmerge", "__version__",
 ]

@@ -6,3 +6,8 @@ class UserError(ValueError):
 
     A ValueError, so library users of the method API can catch it as the usual bad-argument error.
     """
+
+
+class Interrupted(UserError):
+    """Ctrl-C during a command: the message says what is left (the last checkpoint, the resume command);
+    the CLI exits with 130 as a shell does for SIGINT."""

@@ -6,16 +6,15 @@ extra modules (NeuroAda: ``unload`` merges every delta in fp32 and rounds once t
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
 
 
 def export(run: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    from .atomic import atomic_directory, check_writable_dir
     from .config import load_run_config
-    from .eval.runner import prepare_model
+    from .methods import load_trained
     from .models import drop_quantization
 
     run = Path(run)
@@ -24,22 +23,14 @@ def export(run: str | os.PathLike, output: str | os.PathLike | None = None) -> P
     if not adapter.is_dir():
         raise UserError(f"{str(run)!r} has no adapter/ yet (did the training finish?); nothing to export")
     target = Path(output) if output else run / "merged"
-    if target.exists() and any(target.iterdir()):
+    if target.is_dir() and any(target.iterdir()):
         raise UserError(f"export target {str(target)!r} is not empty; pass output=ANOTHER_PATH or remove it")
+    check_writable_dir(target, "output")  # a file in the way or a read-only folder: before the model loads
 
-    cfg.eval.merge = True  # an export is always merged, whatever the run chose for its evaluation
-    model, tokenizer, _ = prepare_model(cfg, adapter=adapter)
+    # An export is always merged, whatever the run chose for its evaluation.
+    model, tokenizer, _ = load_trained(cfg, adapter, merge=True)
     drop_quantization(model)
-
-    # Write next to the target and rename: an interrupted export leaves no half checkpoint behind.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:  # an interrupted export leaves no half checkpoint behind
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -22,21 +22,20 @@ import importlib.util
 import inspect
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
+from .atomic import WriteError, atomic_directory
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
-KINDS = ("causal_lm", "sequence_classification")
 FAMILIES = ("auto", "llama", "llama3", "smollm", "bert", "roberta")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.attn_implementation (null = transformers' default, sdpa where the model supports it)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # Bump when the conversion itself changes so old caches are rebuilt.
 CACHE_FORMAT = 1
 CACHE_MARKER = "neuroada_source.json"
@@ -67,10 +66,6 @@ class ModelSource:
     is_local: bool
     gguf_file: str | None    # file name inside ``location``
     cache_name: str | None   # GGUF sources: directory name under cache_dir()/models/
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _embedded_source(name: str, label: str) -> ModelSource:
@@ -112,6 +107,10 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
                 gguf_file = found[0]
             elif len(found) > 1:
                 raise UserError(f"{label!r} holds several .gguf files ({', '.join(found)}); choose one with model.gguf_file=NAME")
+            else:
+                what = "is empty" if not any(path.iterdir()) else "has no config.json (nor a .gguf file)"
+                raise UserError(f"model directory {label!r} {what}; point model.name_or_path at a saved transformers "
+                                "model (config.json + weights), a hub id or embedded:NAME")
         if gguf_file is not None:
             if not (path / gguf_file).is_file():
                 raise UserError(f"GGUF file {gguf_file!r} not found in {label!r}; check model.gguf_file")
@@ -174,10 +173,8 @@ def _convert_gguf(source: ModelSource, target: Path, fingerprint: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a safetensors checkpoint in %s (once)", source.label, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with _quiet_transformers():
+        with atomic_directory(target) as temporary, _quiet_transformers():  # a stale cache is replaced
             tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(
                 source.location, gguf_file=source.gguf_file, dtype=torch.float32
@@ -187,27 +184,10 @@ def _convert_gguf(source: ModelSource, target: Path, fingerprint: dict) -> None:
             tokenizer.model_max_length = model.config.max_position_embeddings
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
-        (temporary / CACHE_MARKER).write_text(json.dumps(fingerprint, indent=2) + "\n")
-        _replace_directory(temporary, target)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    if target.exists():
-        # A stale cache (or another process that finished first): move it aside, then swap in.
-        stale = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(target, stale)
-        except OSError:
-            return
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(new, target)
-    except OSError:
-        # Another process renamed its conversion into place between our checks; use theirs.
-        if not (target / "config.json").is_file():
+            (temporary / CACHE_MARKER).write_text(json.dumps(fingerprint, indent=2) + "\n")
+    except (OSError, WriteError):
+        # Another process renamed its conversion into place between our check and our rename; use theirs.
+        if not _cache_is_valid(target, fingerprint):
             raise
 
 
@@ -223,8 +203,10 @@ def cached_checkpoint(source: ModelSource) -> Path:
 def _load_error(source: ModelSource, err: Exception) -> UserError:
     if source.is_local:
         return UserError(f"could not load model from {source.label!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-    where = "the hub is offline (HF_HUB_OFFLINE is set) and it is not in the local HF cache" if hub_offline() \
-        else "the hub is unreachable or the id is unknown"
+    where = "the hub is unreachable or the id is unknown"
+    if paths.hub_offline():
+        where = ("the hub is offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set) and it is not in the local "
+                 "HF cache")
     known = ", ".join(EMBEDDED_PREFIX + key for key in EMBEDDED_MODELS)
     return UserError(
         f"cannot load model {source.label!r}: {where}; use a local directory "
@@ -241,17 +223,25 @@ def load_model_and_tokenizer(
     family: str = "auto",
     num_labels: int | None = None,
     problem_type: str | None = None,
+    attn_implementation: str | None = None,
+    empty: bool = False,
 ):
     """Load ``(model, tokenizer)`` with the pad policy applied and right padding.
 
+    ``empty``: build the model from its config on the meta device, reading no weights (trainer.strategy=fsdp:
+    the processes other than 0 receive their shards from process 0, see strategy.lean_load).
+
     ``kind="sequence_classification"`` adds a randomly initialised head (``num_labels``;
     ``problem_type="regression"`` implies one label). A checkpoint head of another size is
-    replaced rather than rejected.
+    replaced rather than rejected. ``attn_implementation`` (eager | sdpa | flash_attention_2)
+    goes to ``from_pretrained``; None keeps transformers' choice.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
-    if kind not in KINDS:
-        raise UserError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+    from .kinds import get_kind  # here, not at import: the kinds load models lazily too
+
+    model_class = getattr(transformers, get_kind(kind).auto_class)  # unknown kind: UserError naming the valid ones
     if family not in FAMILIES:
         raise UserError(f"unknown model.family {family!r}; use one of {', '.join(FAMILIES)}")
     dtype_value = torch_dtype(dtype)
@@ -259,22 +249,33 @@ def load_model_and_tokenizer(
     location = str(cached_checkpoint(source)) if source.gguf_file else source.location
 
     # Offline, a hub id may still be in the local HF cache; never try the network then.
-    hub_options = {"local_files_only": True} if not source.is_local and hub_offline() else {}
+    hub_options = {"local_files_only": True} if not source.is_local and paths.hub_offline() else {}
     options: dict = {"dtype": dtype_value, **hub_options}
-    model_class = AutoModelForCausalLM
-    if kind == "sequence_classification":
-        model_class = AutoModelForSequenceClassification
-        if problem_type == "regression" and num_labels is None:
-            num_labels = 1
-        if num_labels is not None:
-            options["num_labels"] = int(num_labels)
-        if problem_type is not None:
-            options["problem_type"] = problem_type
+    if attn_implementation is not None:
+        check_attn_implementation(attn_implementation)
+        options["attn_implementation"] = attn_implementation
+    # A new head: its size comes from num_labels (regression: one output); a checkpoint head of another size
+    # is replaced rather than rejected.
+    if problem_type == "regression" and num_labels is None:
+        num_labels = 1
+    if num_labels is not None:
+        options["num_labels"] = int(num_labels)
         options["ignore_mismatched_sizes"] = True
+    if problem_type is not None:
+        options["problem_type"] = problem_type
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(location, **hub_options)
-            model = model_class.from_pretrained(location, **options)
+            if empty:
+                import torch
+
+                config_options = {key: options[key] for key in ("num_labels", "problem_type", "attn_implementation")
+                                  if key in options}
+                config = transformers.AutoConfig.from_pretrained(location, **hub_options, **config_options)
+                with torch.device("meta"):
+                    model = model_class.from_config(config, dtype=dtype_value)
+            else:
+                model = model_class.from_pretrained(location, **options)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as err:
         # Hub failures (unknown id, no network, offline cache miss) arrive as OSError/ValueError
         # subclasses; keep them to one line.
@@ -284,6 +285,15 @@ def load_model_and_tokenizer(
     logger.info("loaded %s (%s, %s, family %s, %.1fM parameters)", source.label, kind, dtype, resolved,
                 sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tokenizer
+
+
+def check_attn_implementation(name: str) -> None:
+    """UserError for an unknown attention implementation, or flash_attention_2 without its package and a GPU."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"model.attn_implementation={name!r} is unknown; use null, {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA GPU "
+                        "(pip install flash-attn); use sdpa otherwise")
 
 
 def detect_family(model_type: str, tokenizer) -> str:

@@ -4,17 +4,20 @@ Layout (the same for every method)::
 
     <output_dir>/config.yaml        resolved config, including the actual output_dir
     <output_dir>/train_log.jsonl    one JSON object per logged optimizer step
-    <output_dir>/adapter/           the trained adapter (NeuroAda: save_adapter; LoRA: PEFT adapter)
-    <output_dir>/run.json           parameter counts, memory, timings, adapter size, git commit
-    <output_dir>/checkpoints/step-N/   adapter/ + trainer_state.pt (optimizer, scheduler, RNG, step)
+    <output_dir>/adapter/           the trained adapter (NeuroAda: save_adapter; LoRA: PEFT adapter); with
+                                    validation, the best evaluation's
+    <output_dir>/adapter_last/      with validation only: the final weights
+    <output_dir>/run.json           parameter counts, memory, timings, adapter size, validation, package version
+    <output_dir>/checkpoints/step-N/   adapter/ + trainer_state.pt (optimizer, scheduler, RNG, step, validation)
+    <output_dir>/trackers/          trainer.report_to: TensorBoard events, MLflow file store, wandb offline run
 
-Checkpoints are written to a hidden temporary directory and renamed into place, so a run killed at
-any moment leaves either the previous checkpoint or the new one, never half of one.
+Checkpoints go through ``atomic.atomic_directory`` (a hidden temporary directory renamed into place), so
+a run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import os
 import random
 import re
 import resource
@@ -24,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import paths
+from .atomic import atomic_directory, write_atomic
+from .errors import UserError
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -53,31 +57,17 @@ def latest_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
 
 
 def write_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None], keep: int = 1) -> Path:
-    """Call ``write(tmp_dir)`` then rename tmp_dir to checkpoints/step-<step>; keep the last ``keep``."""
+    """Call ``write(folder)`` on an empty folder that becomes checkpoints/step-<step> atomically; keep the
+    last ``keep`` checkpoints."""
     root = output_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_directory(final) as folder:
+        write(folder)
     for _, old in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
+    for stale in root.glob(".step-*"):  # temporary folders of a write killed in an earlier run
         shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush file contents before the rename makes the checkpoint visible (survives a power cut)."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def truncate_log(log_path: Path, last_step: int) -> None:
@@ -91,22 +81,7 @@ def truncate_log(log_path: Path, last_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by the kill
-    log_path.write_text("".join(f"{line}\n" for line in kept))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def write_json(path: Path, value: dict) -> None:
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+    write_atomic(log_path, "".join(f"{line}\n" for line in kept))
 
 
 def peak_memory() -> dict:
@@ -125,15 +100,33 @@ def directory_bytes(path: Path) -> int:
 
 
 def git_commit() -> str | None:
+    """The commit of the source checkout this package runs from (an editable install), else None.
+
+    A wheel install has no checkout; a venv inside some other repository must not report that
+    repository's commit, so the package's own ``__init__.py`` has to be tracked by the repository found.
+    """
+    package = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(
-            ["git", "-C", str(paths.REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        tracked = subprocess.run(["git", "-C", str(package), "ls-files", "--error-unmatch", "__init__.py"],
+                                 capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:
+            return None
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if result.returncode != 0:
+    if head.returncode != 0:
         return None
-    return result.stdout.strip() or None
+    return head.stdout.strip() or None
+
+
+def source_version() -> dict:
+    """run.json's record of the code that ran: the installed package version and, from a checkout, the commit."""
+    try:
+        version = importlib.metadata.version("neuroada")
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        version = None
+    return {"package_version": version, "git_commit": git_commit()}
 
 
 def trainer_state(step: int, position: tuple[int, int], optimizer, scheduler, extra: dict | None = None) -> dict:
@@ -152,18 +145,47 @@ def trainer_state(step: int, position: tuple[int, int], optimizer, scheduler, ex
     }
 
 
-def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore optimizer, scheduler and RNG states from a checkpoint; returns its step and ``extra``."""
+TRAINER_STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer_state.pt, checked: UserError naming the file when it is damaged."""
+    import torch
+
+    path = checkpoint / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle errors, unreadable file: all mean "damaged"
+        reason = f"{type(err).__name__}: {_reason(err)}" if isinstance(err, OSError) else type(err).__name__
+        raise UserError(f"{str(path)!r} is damaged (not a readable torch checkpoint: {reason[:120]}); delete that "
+                        "checkpoint folder to resume from an earlier one, or start a new run") from None
+    missing = [key for key in TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{str(path)!r} is damaged (no {', '.join(missing)}); delete that checkpoint folder to "
+                        "resume from an earlier one, or start a new run")
+    return state
+
+
+def restore_trainer_state(state: dict, checkpoint: Path, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore optimizer, scheduler and RNG states from ``read_trainer_state``; returns its step and ``extra``."""
     import numpy as np
     import torch
 
-    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
-    if rng["cuda"] and torch.cuda.is_available():
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+        raise UserError(f"{str(checkpoint / 'trainer_state.pt')!r} does not fit this run ({_reason(err)}); "
+                        "resume with the config that wrote it, or start a new run") from None
+    if rng.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"]), state.get("extra", {})
+
+
+def _reason(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return (text[:150] + "...") if len(text) > 150 else (text or type(err).__name__)

@@ -1,395 +1,407 @@
 """The training recipe: one validated config in, one run directory out. Reads top to bottom.
 
+``train(cfg)`` = ``TrainingRecipe(cfg)``: ``setup()`` (processes, data, model, method, optimizer, resume),
+``train()`` (each optimizer step: ``step()`` then ``end_of_step()`` = log / validate / checkpoint),
+``finish()`` (adapter, run.json, eval). The task kind (``kinds/``) owns examples, collation and loss; the
+method (``methods/``) owns attaching, counting and saving: nothing here asks which kind or method it runs.
+
 Features and the config keys that drive them:
 
 * method: ``method`` = neuroada (``neuroada.k``, ``.selection``, ``.target_modules``, ``.train_bias``,
   ``.modules_to_save``, ``.impl``, ``.seed``, ``.gradient_batches``) | lora (PEFT: ``lora.r``, ``.alpha``,
   ``.dropout``, ``.target_modules``) | full (every parameter). Selection runs identically on every process.
 * model: ``model.name_or_path`` (hub id | local dir | embedded:NAME), ``model.dtype``, ``model.family``,
-  ``model.gguf_file``.
-* data: ``task.train_dataset`` rows from ``data.dir`` (else $NEUROADA_DATA_DIR, else the packaged sample),
-  ``data.train_limit`` rows, ``task.template`` prompts, ``data.max_length`` tokens, length-bucketed global
-  batches (``data.bucket_batches``, shuffled with ``trainer.seed`` every epoch; data/batching.py).
-  ``task.kind=sequence_classification`` (GLUE, data/glue_train.py): one loss term per example,
-  ``task.head_dropout``, and ``trainer.select_best`` keeps the epoch scoring best on the validation
-  selection part (LoReFT protocol) as adapter/.
+  ``model.gguf_file``, ``model.attn_implementation``; ``neuroada.target_modules=all-linear``.
+* data (``task.kind``): causal_lm = ``task.train_dataset`` rows from ``data.dir`` (else $NEUROADA_DATA_DIR, else
+  the packaged sample) or ``data.train_file`` (``data.format``: alpaca | prompt_completion | chat | llm_adapters),
+  ``data.train_limit`` rows, ``task.template`` prompts, ``data.max_length`` tokens, loss on target tokens
+  (``data.train_on_prompt``); sequence_classification (GLUE) = one loss term per example, ``task.head_dropout``.
+  Length-bucketed global batches (``data.bucket_batches``, shuffled with ``trainer.seed`` every epoch;
+  data/batching.py).
+* validation (``trainer.validate``, on by default) whenever the kind has validation examples (causal LM:
+  ``data.val_file`` / ``data.val_fraction``; GLUE: the LoReFT selection part of the validation split): evaluated
+  every ``trainer.eval_every`` optimizer steps (null/0 = epoch ends only) and at each epoch end, on process 0;
+  adapter/ = the best evaluation by the kind's primary metric, adapter_last/ = the final weights;
+  ``trainer.early_stopping_patience`` evaluations without improvement stop the run (validation.py).
 * batching: ``trainer.batch_size`` is global; accumulation steps = batch_size / (``trainer.micro_batch_size``
-  x processes). The loss is the sum of token losses over the WHOLE global batch divided by its number of
-  target tokens, so 2 processes x b examples give the same update as 1 process accumulating 2 x b.
+  x processes). The loss is the sum of per-token (or per-example) losses over the WHOLE global batch divided by
+  the batch's total weight, so 2 processes x b examples give the same update as 1 process accumulating 2 x b.
 * optimisation: AdamW over trainable parameters only (``optimizer.lr``, ``.weight_decay`` on matrices,
   ``.betas``, ``.eps``, ``.max_grad_norm``), ``optimizer.scheduler`` with ``optimizer.warmup_ratio``,
   ``trainer.epochs`` or ``trainer.max_steps`` optimizer steps.
 * precision: ``trainer.precision`` fp32 | bf16 | fp16 (GPU) autocast through accelerate (deltas stay fp32);
   ``trainer.gradient_checkpointing`` (non-reentrant); seeded by ``trainer.seed``.
 * processes: ``accelerate launch --multi_gpu --num_processes N -m neuroada_cli train ...`` (gloo on CPU);
-  DDP with broadcast_buffers=False; every process derives its micro-batches from the same plan.
+  ``trainer.strategy`` = ddp (broadcast_buffers=False) | fsdp (FSDP2 shards by rows, lean loading, gathered
+  saves: strategy.py); every process derives its micro-batches from the same plan.
 * run directory ``trainer.output_dir`` (agreed by all processes; only process 0 writes): config.yaml,
-  train_log.jsonl every ``trainer.log_every`` steps, adapter/, run.json, checkpoints/ every
-  ``trainer.checkpoint_every`` steps (atomic, last one kept); ``trainer.resume`` continues bitwise;
-  ``trainer.tensorboard`` scalars; a rich progress bar (loss, lr, tokens/s, ETA) on process 0.
-* ``eval.after_train`` runs ``neuroada eval`` on the finished run.
+  train_log.jsonl every ``trainer.log_every`` steps, adapter/, run.json (counts, timing with the loop's
+  overhead, memory, validation, code version), checkpoints/ every ``trainer.checkpoint_every`` steps (atomic,
+  last one kept, with the best-so-far validation state); ``trainer.resume`` (true | auto) continues bitwise,
+  after checking the config against the run's (resume.py) and before anything is written.
+* faults: ``trainer.nonfinite`` (stop | skip, ``trainer.nonfinite_patience``) checks the loss and gradient norm
+  before every optimizer step (nonfinite.py); a failed write names its path and leaves nothing (atomic.py).
+* trackers: ``trainer.report_to`` = [tensorboard, wandb, mlflow] through accelerate, offline by default, under
+  <run>/trackers; progress on process 0: a rich bar on a terminal, else one plain line per ``log_every`` steps.
+* ``eval.after_train`` runs ``neuroada eval`` on the finished run (the best adapter when validating; its inputs
+  are checked before training).
 """
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from . import methods, run_dir
+from . import run_dir
+from . import strategy as strategies
+from .atomic import check_writable_dir, write_atomic, write_json
+from .config import accumulation_steps, eval_config_for_run
 from .data.batching import BatchPlan, split_global_batch
-from .data.tokenize import IGNORE_INDEX
 from .errors import UserError
+from .kinds import get_kind
+from .methods import counts_line, get_method
+from .nonfinite import NonFiniteGuard, gradient_norm
+from .resume import resume_changes, resume_point
+from .stopwatch import Stopwatch
+from .train_parts import (ProgressBar, log_stream, make_accelerator, make_optimizer, release_accelerator_state,
+                          start_trackers)
+from .validation import ValidationState
 
-PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Loop time = these sections; "validation" (evaluating the validation examples) is timed apart.
+LOOP_SECTIONS = ("data", "compute", "log", "checkpoint")
 
 
 def train(cfg: DictConfig) -> Path:
     """Train as ``cfg`` says; returns the run directory."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+    recipe = TrainingRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    return recipe.finish()
 
-    wall_start = time.perf_counter()
-    t = cfg.trainer
 
-    # ---- processes: one Accelerator; on CPU `cpu=True` turns a --multi_gpu launch into gloo DDP.
-    if t.precision == "fp16" and not torch.cuda.is_available():  # accelerate would silently run fp32
-        raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32")
-    _release_accelerator_state()  # a run that failed earlier in this process (tests, sweeps) may have left one
-    try:
-        accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=PRECISION_TO_ACCELERATE[t.precision],
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
-    except (ValueError, RuntimeError) as err:
-        raise UserError(f"trainer.precision={t.precision} is not usable here: {str(err).splitlines()[0]}") from None
-    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if t.batch_size % (t.micro_batch_size * world):
-        raise UserError(f"trainer.batch_size={t.batch_size} is not divisible by micro_batch_size x processes = "
-                        f"{t.micro_batch_size} x {world}")
-    accumulation = t.batch_size // (t.micro_batch_size * world)
-    set_seed(t.seed)
+class TrainingRecipe:
+    """One run: ``setup()``, ``train()`` (``step`` + ``end_of_step`` per optimizer step), ``finish()``."""
 
-    # ---- run directory: process 0's resolved path wins (timestamps may differ by a second across ranks).
-    output_dir = Path(broadcast_object_list([str(t.output_dir)])[0] if world > 1 else str(t.output_dir)).resolve()
-    cfg.trainer.output_dir = str(output_dir)
-    resume_from = _resume_point(output_dir, t.resume)
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.watch = Stopwatch(*LOOP_SECTIONS, "validation")
+        self.wall_start = time.perf_counter()
+        self.kind = get_kind(cfg.task.kind).from_config(cfg)
+        self.method = get_method(cfg.method)
 
-    # ---- data: rows (validated before the slow model load), then tokens, then the batch plan.
-    # Causal LM: LLM-Adapters rows, loss on target tokens. GLUE (sequence_classification): data/glue_train.py.
-    from .data import glue_train
-    from .data.tokenize import collate_causal
+    # ------------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        from accelerate.utils import broadcast_object_list, set_seed
 
-    classify = cfg.task.kind == "sequence_classification"
-    rows = None if classify else _load_rows(cfg)
-    if cfg.eval.after_train:
-        from .eval.runner import check_eval_inputs
+        cfg, t = self.cfg, self.cfg.trainer
+        # Processes: one Accelerator; on CPU a --multi_gpu launch becomes gloo DDP.
+        # Trackers log under process 0's output dir (the only process that has them).
+        self.accelerator = make_accelerator(t.precision, list(t.report_to), Path(str(t.output_dir)).resolve())
+        self.world, self.is_main = self.accelerator.num_processes, self.accelerator.is_main_process
+        strategies.check_strategy(t.strategy, self.world, self.method)
+        self.fsdp = t.strategy == "fsdp"  # FSDP2 shards (strategy.py); else accelerate's DDP
+        self.accumulation = accumulation_steps(t.batch_size, t.micro_batch_size, self.world)
+        set_seed(t.seed)
+        # Run directory: process 0's resolved path wins (timestamps may differ by a second across ranks).
+        output = broadcast_object_list([str(t.output_dir)])[0] if self.world > 1 else str(t.output_dir)
+        self.output_dir = Path(output).resolve()
+        cfg.trainer.output_dir = str(self.output_dir)
+        # Resume: the checkpoint and the saved config are read and checked now, before anything is written.
+        check_writable_dir(self.output_dir, "trainer.output_dir")
+        self.resume_from = resume_point(self.output_dir, t.resume)
+        self.resume_changes, self.resume_state = [], None
+        if self.resume_from is not None:
+            self.resume_changes = resume_changes(self.output_dir, cfg)
+            self.resume_state = run_dir.read_trainer_state(self.resume_from[1])
+        reduce = (lambda flags: self.accelerator.reduce(flags, "sum")) if self.world > 1 else None
+        self.guard = NonFiniteGuard(t.nonfinite, t.nonfinite_patience, reduce)
 
-        check_eval_inputs(cfg)  # a missing test file should fail now, not after hours of training
-    model, tokenizer = _load_model(cfg, resume_from)
-    if classify:
-        glue_train.set_head_dropout(model, cfg.task.head_dropout)
-    examples = _examples(cfg, rows, tokenizer)
-    plan = BatchPlan([len(e["input_ids"]) for e in examples], t.batch_size, t.seed, cfg.data.bucket_batches)
-    if plan.steps_per_epoch == 0:
-        raise UserError(f"only {len(examples)} training examples, fewer than trainer.batch_size={t.batch_size}; "
-                        "lower the batch size or raise data.train_limit")
-    total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
-    # Loss normaliser per example: its target tokens (causal LM) or 1 (classification: every example once).
-    targets = [1] * len(examples) if classify else [sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in examples]
-    pad_id = tokenizer.pad_token_id
-    collate_examples = glue_train.collate if classify else collate_causal
+        # Fast checks first: a missing data or test file fails now, not after the model load or training.
+        self.kind.check_inputs()
+        if cfg.eval.after_train:
+            from .eval.runner import check_eval_inputs
 
-    def collate(indices: list[int]) -> dict:
-        batch = collate_examples([examples[i] for i in indices], pad_id)
-        return {key: value.to(accelerator.device) for key, value in batch.items()}
+            check_eval_inputs(cfg)
+        model, self.tokenizer = self._load_model()
+        self.kind.prepare_model(model)
+        self.examples = self.kind.train_examples(self.tokenizer)
+        self.weights = [self.kind.weight(example) for example in self.examples]
+        self.plan = BatchPlan([len(e["input_ids"]) for e in self.examples], t.batch_size, t.seed,
+                              cfg.data.bucket_batches)
+        if self.plan.steps_per_epoch == 0:
+            raise UserError(f"only {len(self.examples)} training examples, fewer than trainer.batch_size="
+                            f"{t.batch_size}; lower the batch size or raise data.train_limit")
+        self.total_steps = t.max_steps or t.epochs * self.plan.steps_per_epoch
+        # Validation: the kind's held-out examples (None: it has none), evaluated as trainer.eval_every says.
+        self.val_examples = self.kind.validation_examples(self.tokenizer) if t.validate else None
+        self.validation = None
+        if self.val_examples:
+            self.validation = ValidationState(*self.kind.primary_metric, t.eval_every, t.early_stopping_patience)
+        elif t.early_stopping_patience is not None:
+            raise UserError("trainer.early_stopping_patience needs validation (trainer.validate=true and, for a "
+                            "causal LM, data.val_file or data.val_fraction); or set trainer.early_stopping_patience=null")
 
-    # trainer.select_best (GLUE, LoReFT protocol): score the selection part of validation after every
-    # epoch and keep the best epoch's adapter.
-    selection = _selection_examples(cfg, tokenizer) if t.select_best else None
-    best = None
-
-    # ---- method: NeuroAda / LoRA / full, identical on every process (deterministic selection).
-    gradient_batches = [collate(chunk) for step in range(min(cfg.neuroada.gradient_batches, plan.steps_per_epoch))
-                        for chunk in split_global_batch(plan.global_batch(step), 0, 1, t.micro_batch_size)] \
-        if cfg.method == "neuroada" and cfg.neuroada.selection == "gradient" and resume_from is None else None
-    model = methods.attach(cfg, model, gradient_batches, resume_from)
-    if t.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model = self._attach(model)
+        if self.fsdp:
+            model = self._shard(model)
+        optimizer, self.scheduler = make_optimizer(model, cfg.optimizer, self.total_steps)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # The scheduler stays unprepared: accelerate would step it once per process.
+        if self.fsdp:  # autocast only: accelerate must not wrap the shards in DDP
+            self.model = self.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+            self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+            self.optimizer_state = strategies.ShardedOptimizerState(self.model, self.optimizer)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    counts = methods.count_trainable(cfg, model)
-    if is_main:  # the trainable split on screen as in run.json (NeuroAda: bypass / head / bias)
-        parts = [f"{name} {counts[f'{name}_params']:,}" for name in ("bypass", "head", "bias")
-                 if f"{name}_params" in counts]
-        print(f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} "
-              f"({counts['trainable_percent']:.3f}%)" + (f" = {' + '.join(parts)}" if parts else ""), flush=True)
-    slice_logits = _accepts_logit_mask(model)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.optimizer_state = self.optimizer  # what checkpoints save and restore
+        self._open_run_directory()
 
-    # ---- optimizer and schedule (weight decay on matrices only: not on biases and norms, as HF Trainer).
-    from transformers import get_scheduler
+    def _load_model(self, empty: bool = False):
+        """fsdp: only process 0 reads the weights (first: it may convert a GGUF once); the others build on meta."""
+        from .models import load_model_and_tokenizer
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    o = cfg.optimizer
-    groups = [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-              {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    warmup = math.ceil(total_steps * o.warmup_ratio)
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(o.scheduler, o.scheduler), optimizer,
-                              num_warmup_steps=warmup, num_training_steps=total_steps)
-    # The scheduler stays unprepared: accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+        cfg = self.cfg
+        saved = self.resume_from[1] / "adapter" if self.resume_from is not None else None
+        source, gguf_file = self.method.base_source(cfg, saved)  # full fine-tuning resumes from its saved model
+        empty = empty or (self.fsdp and not self.is_main)
+        if self.fsdp and not self.is_main:
+            self.accelerator.wait_for_everyone()  # process 0 loads (and caches) first
+        loaded = load_model_and_tokenizer(source, kind=self.kind.name, dtype=cfg.model.dtype, gguf_file=gguf_file,
+                                          family=cfg.model.family, attn_implementation=cfg.model.attn_implementation,
+                                          empty=empty, **self.kind.model_options())
+        if self.fsdp and self.is_main and not empty:
+            self.accelerator.wait_for_everyone()
+        return loaded
 
-    # ---- the run directory is written only now that data, model and method are known to work.
-    accelerator.wait_for_everyone()  # every process checked the directory before process 0 writes to it
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    def _attach(self, model):
+        """The method on the model, identical on every process (deterministic selection), ready to train.
 
-    # ---- resume: optimizer, scheduler, RNG and position from the last checkpoint.
-    start_step = 0
-    if resume_from is not None:
-        start_step, extra = run_dir.load_trainer_state(resume_from[1], optimizer, scheduler)
-        best = extra.get("best")
-    if is_main:  # drop what a killed session logged after its last checkpoint (everything if it had none)
-        run_dir.truncate_log(output_dir / "train_log.jsonl", start_step)
-    log_file = open(output_dir / "train_log.jsonl", "a") if is_main else None
-    board = _tensorboard(output_dir) if is_main and t.tensorboard else None
+        fsdp: on processes other than 0 ``model`` is on the meta device; only the module tree matters there
+        (the values come from process 0 in _shard), so no selection scores and no resume are computed.
+        """
+        cfg, t = self.cfg, self.cfg.trainer
+        structure_only = next(model.parameters()).is_meta
+        gradient_batches = None
+        count = self.method.gradient_batch_count(cfg)
+        if count and self.resume_from is None and not structure_only:
+            steps = range(min(count, self.plan.steps_per_epoch))
+            gradient_batches = [self._collate(chunk) for step in steps
+                                for chunk in split_global_batch(self.plan.global_batch(step), 0, 1, t.micro_batch_size)]
+        resume_dir = self.resume_from[1] if self.resume_from is not None and not structure_only else None
+        model = self.method.attach(cfg, model, gradient_batches=gradient_batches, resume_dir=resume_dir)
+        if t.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        if structure_only:
+            return model
+        self.counts = self.method.count(model)
+        if self.is_main:  # the trainable split on screen as in run.json (NeuroAda: bypass / head / bias)
+            print(counts_line(self.counts), flush=True)
+        return model
 
-    # ---- the loop: one iteration = one optimizer step over one global batch. Time outside
-    # forward/backward/optimizer (data, logging, checkpoints) is recorded as the loop's overhead.
-    progress, task_id = _progress(is_main, total_steps, start_step, cfg.recipe or "train")
-    timing = dict.fromkeys(("loop", "compute", "data", "log", "checkpoint", "selection"), 0.0)
-    tokens_seen, last_loss = 0, float("nan")
-    for step in range(start_step, total_steps):
-        step_start = time.perf_counter()
-        global_batch = plan.global_batch(step)
-        global_targets = sum(targets[i] for i in global_batch)  # known to every process: no all-reduce
-        global_tokens = sum(plan.lengths[i] for i in global_batch)
-        micro_batches = [collate(chunk) for chunk in split_global_batch(global_batch, rank, world, t.micro_batch_size)]
+    def _shard(self, model):
+        """fsdp: every process builds the attached model on meta and shards it; process 0's filled it (lean)."""
+        if self.is_main:
+            structure, _ = self._load_model(empty=True)
+            self.kind.prepare_model(structure)
+            structure = self._attach(structure)
+            full = model
+        else:
+            structure, full = model, None
+        model = strategies.lean_load(structure, full, self.accelerator.device)
+        del full  # process 0's whole copy goes now: each process keeps 1/N of the weights
+        self.counts = self.method.count(model)  # every process: counts of the whole (sharded) model
+        return model
 
-        compute_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for number, batch in enumerate(micro_batches):
-            last = number == accumulation - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                token_loss = glue_train.loss_sum(model, batch) if classify else _token_loss_sum(model, batch,
-                                                                                                slice_logits)
-                # DDP averages gradients over processes, hence x world: the result is sum / global targets.
-                accelerator.backward(token_loss * world / global_targets)
-            loss_sum += token_loss.detach()
-        if o.max_grad_norm is not None:
-            accelerator.clip_grad_norm_([p for _, p in trainable], o.max_grad_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        log_start = time.perf_counter()
-        timing["data"] += compute_start - step_start
-        timing["compute"] += log_start - compute_start
+    def _open_run_directory(self) -> None:
+        """Written only now that data, model and method work; resume restores optimizer, schedule, RNG, step."""
+        self.accelerator.wait_for_everyone()  # every process checked the directory before process 0 writes
+        self.start_step = 0
+        if self.resume_from is not None:  # restored (and so verified) before config.yaml is rewritten
+            self.start_step, extra = run_dir.restore_trainer_state(self.resume_state, self.resume_from[1],
+                                                                   self.optimizer_state, self.scheduler)
+            if self.validation is not None:
+                self.validation.restore(extra.get("validation"))
+            if self.is_main and self.resume_changes:
+                print(f"resuming with changes: {'; '.join(self.resume_changes)}", flush=True)
+        if self.is_main:
+            write_atomic(self.output_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.log = None
+        if self.is_main:
+            self.log = log_stream(self.output_dir, self.start_step, self.accelerator.log)
+            start_trackers(self.accelerator, self.output_dir, self.cfg.recipe or "neuroada",
+                           OmegaConf.to_container(self.cfg, resolve=True))
 
-        done = step + 1
-        tokens_seen += global_tokens
-        if done % t.log_every == 0 or done == total_steps:
-            last_loss = (accelerator.reduce(loss_sum, "sum") if world > 1 else loss_sum).item() / global_targets
-            record = {"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": round(last_loss, 6),
-                      "lr": scheduler.get_last_lr()[0], "tokens": global_tokens, "target_tokens": global_targets,
-                      "tokens_per_s": round(global_tokens / max(log_start - step_start, 1e-9), 2),
-                      "step_s": round(log_start - step_start, 4), "elapsed_s": round(timing["loop"], 2)}
-            if is_main:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                if board is not None:
-                    for key in ("loss", "lr", "tokens_per_s"):
-                        board.add_scalar(f"train/{key}", record[key], done)
-                average = tokens_seen / max(timing["loop"] + log_start - step_start, 1e-9)
-                progress.update(task_id, completed=done,
-                                stats=f"loss {last_loss:.4f}  lr {record['lr']:.2e}  {average:.0f} tok/s")
-        selection_start = time.perf_counter()
-        timing["log"] += selection_start - log_start
-        if selection is not None and (done % plan.steps_per_epoch == 0 or done == total_steps):
-            if is_main:  # evaluation time is not loop overhead: it is kept apart
-                best = _select_best(cfg, accelerator.unwrap_model(model), tokenizer, selection, done, best,
-                                    output_dir, log_file)
-            accelerator.wait_for_everyone()
-        checkpoint_start = time.perf_counter()
-        timing["selection"] += checkpoint_start - selection_start
-        if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == total_steps):
-            if is_main:
-                state = run_dir.trainer_state(done, plan.position(done), optimizer, scheduler, {"best": best})
-                run_dir.write_checkpoint(output_dir, done, lambda tmp: _write_checkpoint(cfg, model, accelerator,
-                                                                                         tokenizer, state, tmp))
-            accelerator.wait_for_everyone()
-        timing["checkpoint"] += time.perf_counter() - checkpoint_start
-        timing["loop"] += time.perf_counter() - step_start - (checkpoint_start - selection_start)
-    progress.stop()
+    def _collate(self, indices: list[int]) -> dict:
+        batch = self.kind.collate([self.examples[i] for i in indices], self.tokenizer.pad_token_id)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
 
-    # ---- results: adapter, run record; then optionally evaluate.
-    accelerator.wait_for_everyone()
-    if is_main:
-        log_file.close()
-        if board is not None:
-            board.close()
-        if selection is None:  # with select_best, adapter/ already holds the best epoch's adapter
-            methods.save_trained(cfg, accelerator.unwrap_model(model), tokenizer, output_dir / "adapter")
-        overhead = timing["loop"] - timing["compute"]
-        record = {
-            "recipe": cfg.recipe, "method": cfg.method, "model": cfg.model.name_or_path,
-            **counts, "world_size": world, "accumulation_steps": accumulation,
-            "steps": total_steps, "steps_this_session": total_steps - start_step,
-            "resumed_from_step": start_step or None, "steps_per_epoch": plan.steps_per_epoch,
-            "examples": len(examples), "final_loss": last_loss, "tokens_seen": tokens_seen,
-            "tokens_per_second": tokens_seen / max(timing["loop"], 1e-9),
-            "wall_seconds": time.perf_counter() - wall_start,
-            **{f"{key}_seconds": value for key, value in timing.items()},
-            "overhead_seconds": overhead, "overhead_percent": 100.0 * overhead / max(timing["loop"], 1e-9),
-            **run_dir.peak_memory(), "adapter_bytes": run_dir.directory_bytes(output_dir / "adapter"),
-            "git_commit": run_dir.git_commit(), "selection": best,
+    # --------------------------------------------------------------------------------------- loop
+    def train(self) -> None:
+        self.progress = ProgressBar(self.is_main, self.total_steps, self.start_step, self.cfg.recipe or "train")
+        self.tokens_seen, self.last_loss = 0, float("nan")
+        self.steps_done = self.start_step
+        for step in range(self.start_step, self.total_steps):
+            if self.validation is not None and self.validation.stopped_early:
+                break  # early stopping (also when resuming a run that had stopped)
+            loss_sum, batch_weight, batch_tokens = self.step(step)
+            self.end_of_step(step + 1, loss_sum, batch_weight, batch_tokens)
+            self.steps_done = step + 1
+        self.progress.stop()
+
+    def step(self, step: int) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step over global batch ``step``: (this process's summed loss, batch weight, tokens)."""
+        accelerator, model = self.accelerator, self.model
+        with self.watch.section("data"):
+            global_batch = self.plan.global_batch(step)
+            batch_weight = sum(self.weights[i] for i in global_batch)  # known to every process: no all-reduce
+            batch_tokens = sum(self.plan.lengths[i] for i in global_batch)
+            chunks = split_global_batch(global_batch, accelerator.process_index, self.world,
+                                        self.cfg.trainer.micro_batch_size)
+            micro_batches = [self._collate(chunk) for chunk in chunks]
+        with self.watch.section("compute"):
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for number, batch in enumerate(micro_batches):
+                last = number == self.accumulation - 1
+                with strategies.accumulating(accelerator, model, self.fsdp, last):
+                    loss = self.kind.loss_sum(model, batch)
+                    # DDP averages gradients over processes, hence x world: the result is sum / batch weight.
+                    accelerator.backward(loss * self.world / batch_weight)
+                loss_sum += loss.detach()
+            # fp16: overflowing gradients are the grad scaler's business (it skips the step and lowers its
+            # scale), so only the loss is checked, and a skipped step still goes through the scaler.
+            fp16 = self.cfg.trainer.precision == "fp16"
+            grad_norm = None
+            if self.cfg.optimizer.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(self.trainable, self.cfg.optimizer.max_grad_norm)
+            elif not fp16:
+                grad_norm = gradient_norm(self.trainable)
+            if self.guard.allows_step(step + 1, loss_sum, None if fp16 else grad_norm) or fp16:
+                self.optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+                    self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, batch_weight, batch_tokens
+
+    def end_of_step(self, done: int, loss_sum: torch.Tensor, batch_weight: int, batch_tokens: int) -> None:
+        t = self.cfg.trainer
+        self.tokens_seen += batch_tokens
+        with self.watch.section("log"):
+            if done % t.log_every == 0 or done == self.total_steps:
+                self._log_step(done, loss_sum, batch_weight, batch_tokens)
+        end_of_epoch = done % self.plan.steps_per_epoch == 0 or done == self.total_steps
+        with self.watch.section("validation"):
+            if self.validation is not None and self.validation.due(done, end_of_epoch):
+                self._validate(done)
+        stopping = self.validation is not None and self.validation.stopped_early
+        with self.watch.section("checkpoint"):
+            if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == self.total_steps or stopping):
+                if self.is_main or self.fsdp:  # fsdp: gathering the adapter and optimizer state is collective
+                    self._checkpoint(done)
+                self.accelerator.wait_for_everyone()
+
+    def _log_step(self, done: int, loss_sum: torch.Tensor, batch_weight: int, batch_tokens: int) -> None:
+        total = self.accelerator.reduce(loss_sum, "sum") if self.world > 1 else loss_sum
+        self.last_loss = total.item() / batch_weight
+        if not self.is_main:
+            return
+        step_seconds = self.watch.latest["data"] + self.watch.latest["compute"]
+        loop_seconds = self.watch.total(*LOOP_SECTIONS)  # includes this step's data and compute
+        line = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4), "loss": round(self.last_loss, 6),
+                "lr": self.scheduler.get_last_lr()[0], "tokens": batch_tokens, "target_tokens": batch_weight,
+                "tokens_per_s": round(batch_tokens / max(step_seconds, 1e-9), 2), "step_s": round(step_seconds, 4),
+                "elapsed_s": round(loop_seconds - step_seconds, 2)}
+        self.log.write(done, line, {f"train/{key}": line[key] for key in ("loss", "lr", "tokens_per_s")})
+        average = self.tokens_seen / max(loop_seconds, 1e-9)
+        self.progress.show(done, self.last_loss, line["lr"], average)
+
+    def _validate(self, done: int) -> None:
+        """Process 0 evaluates the validation examples; a better primary metric than so far saves adapter/.
+        Every process learns whether early stopping ended the run."""
+        from accelerate.utils import broadcast_object_list
+
+        if self.is_main or self.fsdp:  # fsdp: every forward is collective, so every process evaluates
+            model = self.accelerator.unwrap_model(self.model)
+            metrics = self.kind.evaluate(model, self.val_examples, self.tokenizer.pad_token_id,
+                                         self.cfg.eval.batch_size)
+            if self.is_main:
+                self.log.write(done, {"step": done, "validation": metrics},
+                               {f"validation/{name}": value for name, value in metrics.items()})
+            improved = self.validation.record(done, metrics)
+            with strategies.full_trainable_view(model):  # fsdp: gathers (collective); ddp: nothing to do
+                if improved and self.is_main:
+                    self.method.save(model, self.tokenizer, self.output_dir / "adapter")
+        if self.world > 1:
+            state = broadcast_object_list([self.validation.state()])[0]
+            self.validation.restore(state)  # the same best / patience / stop on every process
+
+    def _checkpoint(self, done: int) -> None:
+        extra = {"validation": self.validation.state()} if self.validation is not None else {}
+        state = run_dir.trainer_state(done, self.plan.position(done), self.optimizer_state, self.scheduler, extra)
+        with strategies.full_trainable_view(self.model):  # fsdp: the adapter gathered on every process
+            if self.is_main:
+                run_dir.write_checkpoint(self.output_dir, done, functools.partial(self._write_checkpoint, state))
+
+    def _write_checkpoint(self, state: dict, directory: Path) -> None:
+        self.method.save(self.accelerator.unwrap_model(self.model), self.tokenizer, directory / "adapter")
+        torch.save(state, directory / "trainer_state.pt")
+
+    # ------------------------------------------------------------------------------------- finish
+    def finish(self) -> Path:
+        """Adapter and run.json (process 0), then optionally evaluate; returns the run directory."""
+        self.accelerator.wait_for_everyone()
+        with strategies.full_trainable_view(self.model):  # fsdp: gathers the adapter (collective)
+            if self.is_main:
+                self.log.close()
+                # With validation, adapter/ already holds the best evaluation; the final weights go to adapter_last/.
+                final = "adapter" if self.validation is None else "adapter_last"
+                self.method.save(self.accelerator.unwrap_model(self.model), self.tokenizer, self.output_dir / final)
+                write_json(self.output_dir / "run.json", self._run_record())
+        self.accelerator.wait_for_everyone()
+        if self.is_main and self.cfg.eval.after_train:
+            self._evaluate()
+        self.accelerator.end_training()
+        release_accelerator_state()
+        return self.output_dir
+
+    def _run_record(self) -> dict:
+        cfg, watch = self.cfg, self.watch
+        loop = watch.total(*LOOP_SECTIONS)
+        overhead = loop - watch.totals["compute"]  # time outside forward, backward and the optimizer
+        return {
+            "recipe": cfg.recipe, "method": self.method.name, "model": cfg.model.name_or_path,
+            **self.counts, "strategy": cfg.trainer.strategy, "world_size": self.world,
+            "accumulation_steps": self.accumulation,
+            "steps": self.steps_done, "planned_steps": self.total_steps,
+            "steps_this_session": self.steps_done - self.start_step,
+            "resumed_from_step": self.start_step or None, "resume_changes": self.resume_changes,
+            "nonfinite_steps_skipped": self.guard.skipped, "steps_per_epoch": self.plan.steps_per_epoch,
+            "examples": len(self.examples), "final_loss": self.last_loss if math.isfinite(self.last_loss) else None,
+            "tokens_seen": self.tokens_seen, "tokens_per_second": self.tokens_seen / max(loop, 1e-9),
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "loop_seconds": loop, **{f"{name}_seconds": watch.totals[name] for name in watch.totals},
+            "overhead_seconds": overhead, "overhead_percent": 100.0 * overhead / max(loop, 1e-9),
+            **run_dir.peak_memory(), "adapter_bytes": run_dir.directory_bytes(self.output_dir / "adapter"),
+            **run_dir.source_version(),
+            "validation": self.validation.summary(self.steps_done, self.total_steps) if self.validation else None,
         }
-        run_dir.write_json(output_dir / "run.json", record)
-    accelerator.wait_for_everyone()
-    if is_main and cfg.eval.after_train:  # the in-memory model: no reload; other processes are done
-        from .cli import eval_config_for_run
+
+    def _evaluate(self) -> None:
+        """eval.after_train: the in-memory model, no reload (other processes are done)."""
         from .eval.runner import run_eval_from_config
 
-        trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
-        eval_cfg = eval_config_for_run(output_dir, [])
-        if selection is None:  # the in-memory model is the final one; with select_best the runner loads the best
-            eval_cfg.eval.adapter = None  # already on the model; applying it again would stack LoRA
-            run_eval_from_config(eval_cfg, model=trained, tokenizer=tokenizer)
-        else:
+        eval_cfg = eval_config_for_run(self.output_dir, [])
+        if self.validation is not None or self.fsdp:  # best adapter on disk / a sharded model: reload
             run_eval_from_config(eval_cfg)
-    accelerator.end_training()
-    _release_accelerator_state()
-    return output_dir
-
-
-# ------------------------------------------------------------------------------------------ steps
-def _resume_point(output_dir: Path, resume: bool) -> tuple[int, Path] | None:
-    if not resume:
-        if run_dir.holds_run(output_dir):
-            raise UserError(f"output dir {str(output_dir)!r} already holds a run; pass trainer.resume=true to continue "
-                            "it or choose another trainer.output_dir")
-        return None
-    return run_dir.latest_checkpoint(output_dir)
-
-
-def _load_rows(cfg: DictConfig) -> list[dict]:
-    from .data.train_sets import load_train_rows
-
-    return load_train_rows(cfg.task.train_dataset, cfg.data.dir, limit=cfg.data.train_limit, seed=cfg.trainer.seed)
-
-
-def _examples(cfg: DictConfig, rows: list[dict] | None, tokenizer) -> list[dict]:
-    if cfg.task.kind == "sequence_classification":
-        from . import paths
-        from .data import glue_train
-
-        return glue_train.train_examples(cfg.task.train_dataset, paths.data_dir(cfg.data.dir), tokenizer,
-                                         cfg.data.max_length, cfg.data.train_limit, cfg.trainer.seed)
-    from .data.tokenize import tokenize_rows
-
-    return tokenize_rows(rows, tokenizer, cfg.task.template, cfg.data.max_length)
-
-
-def _selection_examples(cfg: DictConfig, tokenizer) -> list[dict]:
-    from . import paths
-    from .data import glue_train
-
-    return glue_train.selection_examples(cfg.task.train_dataset, paths.data_dir(cfg.data.dir), tokenizer,
-                                         cfg.data.max_length, cfg.trainer.seed)
-
-
-def _select_best(cfg, model, tokenizer, selection, step: int, best: dict | None, output_dir: Path, log_file):
-    """Score the selection examples; a better primary metric than so far saves the adapter as adapter/."""
-    from .data import glue_train
-    from .data.glue import glue_task
-
-    metric = glue_task(cfg.task.train_dataset).primary_metric
-    metrics = glue_train.evaluate_examples(model, selection, cfg.task.train_dataset, tokenizer.pad_token_id,
-                                           cfg.eval.batch_size)
-    log_file.write(json.dumps({"step": step, "selection": metrics}) + "\n")
-    log_file.flush()
-    if best is None or metrics[metric] > best["value"]:
-        methods.save_trained(cfg, model, tokenizer, output_dir / "adapter")
-        best = {"metric": metric, "value": metrics[metric], "step": step, "metrics": metrics}
-    return best
-
-
-def _load_model(cfg: DictConfig, resume_from):
-    from .models import load_model_and_tokenizer
-
-    source, gguf_file = cfg.model.name_or_path, cfg.model.gguf_file
-    if cfg.method == "full" and resume_from is not None:
-        source, gguf_file = str(resume_from[1] / "adapter"), None  # a full fine-tune checkpoints the whole model
-    return load_model_and_tokenizer(source, kind=cfg.task.kind, dtype=cfg.model.dtype, gguf_file=gguf_file,
-                                    family=cfg.model.family, num_labels=cfg.task.num_labels,
-                                    problem_type=cfg.task.problem_type)
-
-
-def _accepts_logit_mask(model) -> bool:
-    """transformers causal LMs take ``logits_to_keep`` (a boolean [batch, seq] mask keeps those positions)."""
-    from .models import forward_accepts
-
-    return forward_accepts(model.get_base_model() if hasattr(model, "get_base_model") else model, "logits_to_keep")
-
-
-def _token_loss_sum(model, batch: dict, slice_logits: bool) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropies over the supervised positions, in fp32.
-
-    Only positions that predict a target token go through the LM head (``logits_to_keep`` mask): the
-    prompt's logits are never formed, which saves the head's share of compute and the vocab-sized memory.
-    """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    if slice_logits:
-        mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        mask[:, :-1] = keep
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=mask).logits
-        if logits.dim() == 2:  # [number of kept positions, vocab]
-            return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        logits = logits[:, :-1]
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
-
-
-def _write_checkpoint(cfg, model, accelerator, tokenizer, state: dict, directory: Path) -> None:
-    methods.save_trained(cfg, accelerator.unwrap_model(model), tokenizer, directory / "adapter")
-    torch.save(state, directory / "trainer_state.pt")
-
-
-def _tensorboard(output_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("trainer.tensorboard=true needs the tensorboard package: pip install 'neuroada[tensorboard]'") \
-            from None
-    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-
-
-def _progress(enabled: bool, total: int, start: int, name: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=not enabled)
-    task_id = progress.add_task(name, total=total, completed=start, stats="")
-    progress.start()
-    return progress, task_id
-
-
-def _release_accelerator_state() -> None:
-    """Let a sweep create the next job's Accelerator (maybe with another precision) in this process."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+            return
+        trained = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False).eval()
+        eval_cfg.eval.adapter = None  # already on the model; applying it again would stack LoRA
+        run_eval_from_config(eval_cfg, model=trained, tokenizer=self.tokenizer)

@@ -1,7 +1,7 @@
 """Eval throughput, side by side: greedy generation at batch 1, at batch N, and log-likelihood scoring.
 
 Launch (data from NEUROADA_DATA_DIR, model via neuroada_cli.models):
-    NEUROADA_DATA_DIR=/work/shared/data python scripts/bench_eval.py --tasks boolq,piqa --limit 64
+    NEUROADA_DATA_DIR=../shared/data python scripts/bench_eval.py --tasks boolq,piqa --limit 64
     python scripts/bench_eval.py --json            # machine-readable
 
 For each task the same examples go through the real eval code path (task.predict: tokenise, batch,

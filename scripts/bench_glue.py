@@ -1,10 +1,10 @@
 """GLUE speed on MiniLM, side by side: NeuroAda k=1, NeuroAda k=20, full fine-tuning, LoRA r=8.
 
-Launch:  NEUROADA_DATA_DIR=/work/shared/data python scripts/bench_glue.py [--task rte] [--json]
+Launch:  NEUROADA_DATA_DIR=/path/to/data python scripts/bench_glue.py [--task rte] [--json]
 
 Each variant runs in its own subprocess (clean peak memory, no allocator or thread state carried over),
 on the same examples: ``--steps`` timed optimizer steps (after one warm-up step) over length-bucketed
-batches of ``--batch-size`` (the training code path: data/glue_train.py collate + loss_sum, AdamW over
+batches of ``--batch-size`` (the training code path: the sequence-classification kind's collate + loss_sum, AdamW over
 the trainable parameters), then eval over ``--eval-examples`` validation examples with the code the
 toolkit uses: the in-training selection eval (adapter not merged) and ``neuroada eval`` (merged,
 eval.merge=true). Printed: examples/s, peak RSS of the process, trainable parameters, and ratios to
@@ -44,40 +44,39 @@ def parse_args(argv=None):
 
 def attach(variant: str, model, args):
     """The method exactly as ``neuroada train recipe=minilm_glue`` applies it (same composed config)."""
-    from neuroada_cli import config, methods
+    from neuroada_cli import config
+    from neuroada_cli.methods import get_method
 
     method = {"neuroada_k1": "neuroada", "neuroada_k20": "neuroada", "full": "full", "lora_r8": "lora"}[variant]
     overrides = [f"task=glue/{args.task}", f"model.name_or_path={args.model}", f"method={method}"]
     if method == "neuroada":
         overrides.append(f"neuroada.k={variant.rsplit('k', 1)[1]}")
     cfg = config.validate(config.compose("minilm_glue", overrides), world_size=1)
-    return methods.attach(cfg, model, gradient_batches=None, resume_from=None)
+    return get_method(cfg.method).attach(cfg, model)
 
 
 def worker(args) -> dict:
     import torch
 
-    from neuroada_cli import paths, unload
-    from neuroada_cli.data import glue_train
-    from neuroada_cli.data.glue import glue_task
+    from neuroada_cli import unload
+    from neuroada_cli.kinds.classification import SequenceClassification, predict_logits
     from neuroada_cli.models import load_model_and_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec = glue_task(args.task)
-    model, tokenizer = load_model_and_tokenizer(args.model, kind="sequence_classification",
-                                                num_labels=spec.num_labels,
-                                                problem_type="regression" if spec.is_regression else None)
-    data_dir = paths.data_dir()
-    train = glue_train.train_examples(spec.name, data_dir, tokenizer, args.max_length, None, 0)
+    # seed 42: the LoReFT selection part the in-training eval scores (the full train split needs no seed)
+    kind = SequenceClassification(task=args.task, data_dir=None, max_length=args.max_length, train_limit=None,
+                                  seed=42)
+    model, tokenizer = load_model_and_tokenizer(args.model, kind=kind.name, **kind.model_options())
+    train = kind.train_examples(tokenizer)
     # Length-bucketed batches as in training: sort a seeded sample by length, cut into batches.
     rng = random.Random(0)
     sample = sorted(rng.sample(train, min(len(train), args.batch_size * (args.steps + 1))),
                     key=lambda e: len(e["input_ids"]))
     batches = [sample[i:i + args.batch_size] for i in range(0, len(sample), args.batch_size)]
     rng.shuffle(batches)
-    evaluation = glue_train.selection_examples(spec.name, data_dir, tokenizer, args.max_length, 42)
+    evaluation = kind.validation_examples(tokenizer)
     evaluation = (evaluation * (args.eval_examples // max(len(evaluation), 1) + 1))[:args.eval_examples]
     pad = tokenizer.pad_token_id
 
@@ -89,17 +88,17 @@ def worker(args) -> dict:
     for number, batch_examples in enumerate(batches[: args.steps + 1]):
         if number == 1:
             started = time.perf_counter()  # step 0 is warm-up (allocations, first-call overheads)
-        batch = glue_train.collate(batch_examples, pad)
-        (glue_train.loss_sum(model, batch) / len(batch_examples)).backward()
+        batch = kind.collate(batch_examples, pad)
+        (kind.loss_sum(model, batch) / len(batch_examples)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_done += len(batch_examples) if number else 0
     train_seconds = time.perf_counter() - started
 
     def eval_rate(current) -> float:
-        glue_train.predict_logits(current, evaluation[:8], pad, 8)  # warm-up
+        predict_logits(current, evaluation[:8], pad, 8)  # warm-up
         begin = time.perf_counter()
-        glue_train.predict_logits(current, evaluation, pad, 64)
+        predict_logits(current, evaluation, pad, 64)
         return len(evaluation) / (time.perf_counter() - begin)
 
     unmerged = eval_rate(model)

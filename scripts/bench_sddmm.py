@@ -16,7 +16,7 @@ import time
 import torch
 
 from neuroada_cli.method import selection
-from neuroada_cli.method.layer import _sddmm_columns, _sddmm_gather, _sddmm_sparse
+from neuroada_cli.method.layer import sddmm_columns, sddmm_gather, sddmm_sparse
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
             idx = selection.magnitude(torch.randn(d_out, d_in), k)
             strategies = {
                 "dense dW": lambda: grad_out.t() @ inputs,
-                "columns": lambda: _sddmm_columns(grad_out, inputs, idx),
-                "sampled_addmm": lambda: _sddmm_sparse(grad_out, inputs, idx),
-                "gather+bmm": lambda: _sddmm_gather(grad_out, inputs, idx),
+                "columns": lambda: sddmm_columns(grad_out, inputs, idx),
+                "sampled_addmm": lambda: sddmm_sparse(grad_out, inputs, idx),
+                "gather+bmm": lambda: sddmm_gather(grad_out, inputs, idx),
             }
             times = {name: [] for name in strategies}
             for fn in strategies.values():

@@ -5,6 +5,8 @@ to the floor: the frozen model with input gradients only (the least any adapter 
 
   floor      frozen base, backward for input gradients only, no optimizer
   neuroada   ours: fused layer (W kept merged in place, sparse delta gradient), AdamW on the deltas
+  neuroada_peft  the same through PEFT: get_peft_model(model, NeuroAdaPeftConfig(...)) (target: within 3 %
+             of neuroada, column "step x inject")
   reference  NeuroAda materialising W + scatter(delta) every forward (the authors' approach)
   masked     in-place sparse tuning: full W trainable, gradient masked to the selected cells, AdamW on W
   lora       peft LoRA, r=8, on the same target modules
@@ -19,6 +21,7 @@ is measured R times, rounds interleaved, and medians are reported. Usage:
 
   python scripts/bench_train_step.py                      # defaults of the issue: 4 x 2048/5504, 4 x 256
   python scripts/bench_train_step.py --layers 2 --hidden 512 --intermediate 1376 --json
+  python scripts/bench_train_step.py --only neuroada,neuroada_peft --k 20   # a subset (the floor always runs)
 """
 from __future__ import annotations
 
@@ -68,6 +71,12 @@ def run_variant(args) -> dict:
         from neuroada_cli import NeuroAdaConfig, inject
 
         inject(model, NeuroAdaConfig(k=k, target_modules=TARGETS, impl="fused" if variant == "neuroada" else "reference"))
+    elif variant == "neuroada_peft":
+        from peft import get_peft_model
+
+        from neuroada_cli import NeuroAdaPeftConfig
+
+        model = get_peft_model(model, NeuroAdaPeftConfig(k=k, target_modules=TARGETS))
     elif variant == "masked":
         from neuroada_cli.method import selection
 
@@ -129,6 +138,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--repeats", type=int, default=2, help="measure every variant this many times")
+    parser.add_argument("--only", help="comma-separated variants to measure (the floor always runs)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,8 +147,11 @@ def main() -> None:
         return
     plan = [("floor", 0)]
     for k in args.k:
-        plan += [("neuroada", k), ("reference", k), ("masked", k)]
+        plan += [("neuroada", k), ("neuroada_peft", k), ("reference", k), ("masked", k)]
     plan.append(("lora", 0))
+    if args.only:
+        wanted = set(args.only.split(","))
+        plan = [(v, k) for v, k in plan if v == "floor" or v in wanted]
     common = [f"--{name}={getattr(args, name)}" for name in
               ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps", "warmup")]
     runs = {plan_key: [] for plan_key in plan}
@@ -159,7 +172,10 @@ def main() -> None:
         row["time_x_floor"] = row["step_s"] / floor["step_s"]
         row["mem_x_floor"] = row["peak_mb"] / floor["peak_mb"]
         masked = next((r for r in results if r["variant"] == "masked" and r["k"] == row["k"]), None)
-        row["mem_x_masked"] = row["peak_mb"] / masked["peak_mb"] if masked and row["variant"] == "neuroada" else None
+        row["mem_x_masked"] = (row["peak_mb"] / masked["peak_mb"]
+                               if masked and row["variant"] in ("neuroada", "neuroada_peft") else None)
+        inject = next((r for r in results if r["variant"] == "neuroada" and r["k"] == row["k"]), None)
+        row["time_x_inject"] = row["step_s"] / inject["step_s"] if inject and row["variant"] == "neuroada_peft" else None
     setup = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads",
                                            "steps", "repeats")}
     if args.json:
@@ -169,11 +185,12 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"train step, random Llama {setup}, fp32 CPU")
-    for column in ("variant", "k", "trainable", "step x floor", "peak mem x floor", "mem x masked"):
+    for column in ("variant", "k", "trainable", "step x floor", "peak mem x floor", "mem x masked", "step x inject"):
         table.add_column(column, justify="right")
     for row in results:
         table.add_row(row["variant"], str(row["k"] or "-"), f"{row['trainable']:,}", f"{row['time_x_floor']:.3f}",
-                      f"{row['mem_x_floor']:.3f}", f"{row['mem_x_masked']:.3f}" if row["mem_x_masked"] else "")
+                      f"{row['mem_x_floor']:.3f}", f"{row['mem_x_masked']:.3f}" if row["mem_x_masked"] else "",
+                      f"{row['time_x_inject']:.3f}" if row["time_x_inject"] else "")
     Console().print(table)
 
 

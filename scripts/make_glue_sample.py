@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the packaged GLUE sample (neuroada_cli/data/sample/glue/) from a full data directory.
 
-    python scripts/make_glue_sample.py --source /work/shared/data [--out neuroada_cli/data/sample]
+    python scripts/make_glue_sample.py --source /path/to/full/data [--out neuroada_cli/data/sample]
 
 The sample is the fallback when no data dir is given; the embedded CPU recipe trains a small
 model (MiniLM) on rte and stsb with it, so those two get more rows (see PLAN):
@@ -30,7 +30,8 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 
-from neuroada_cli.data.glue import GLUE_TASKS, load_split, split_path  # noqa: E402
+from neuroada_cli.glue.data import load_split, split_path  # noqa: E402
+from neuroada_cli.glue.tasks import GLUE_TASKS  # noqa: E402
 
 SEED = 0
 SIZE_LIMIT = 250_000  # bytes for the whole glue/ sample

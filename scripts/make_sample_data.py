@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the packaged sample data (neuroada_cli/data/sample/llm_adapters/) from a full data dir.
 
-    python scripts/make_sample_data.py --source /work/shared/data [--out neuroada_cli/data/sample]
+    python scripts/make_sample_data.py --source ../shared/data [--out neuroada_cli/data/sample]
 
 What it writes (see neuroada_cli/data/sample/SOURCES.md for provenance and licences):
 * llm_adapters/commonsense_15k/train.json.gz and math_10k/train.json.gz: TRAIN_ROWS rows each,

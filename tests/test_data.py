@@ -10,11 +10,16 @@ import torch
 from neuroada_cli import paths
 from neuroada_cli.data.llm_adapters import find_file, load_rows
 from neuroada_cli.data.prompts import build_prompt, build_target
-from neuroada_cli.data.tokenize import IGNORE_INDEX, collate_causal, tokenize_example, tokenize_rows
+from neuroada_cli.data.tokenize import IGNORE_INDEX, collate_causal, tokenize_pairs, tokenize_rows
 from neuroada_cli.data.train_sets import load_train_rows
 from neuroada_cli.errors import UserError
 
-from conftest import make_tokenizer
+from helpers import make_tokenizer
+
+
+def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> dict:
+    """One (prompt, target) pair through the library's batched tokeniser."""
+    return tokenize_pairs([(prompt, target)], tokenizer, max_length)[0]
 
 ROW = {"instruction": "Is the sky blue?", "input": "", "output": "the correct answer is true", "answer": "true"}
 EVAL_SETS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
@@ -114,6 +119,15 @@ def test_tokenize_rows_drops_examples_without_target(tiny_tokenizer, caplog):
         tokenize_rows([long_row], tiny_tokenizer, "commonsense", max_length=24)
     with pytest.raises(UserError, match="max_length"):
         tokenize_rows([ROW], tiny_tokenizer, "commonsense", max_length=1)
+
+
+def test_max_length_has_one_lower_bound(tiny_tokenizer):
+    from neuroada_cli.data.tokenize import MIN_MAX_LENGTH
+
+    for too_small in (MIN_MAX_LENGTH - 1, True, 12.0):
+        with pytest.raises(UserError, match=f"data.max_length={too_small!r} .*>= {MIN_MAX_LENGTH}"):
+            tokenize_example(tiny_tokenizer, "q", "a", max_length=too_small)
+    assert len(tokenize_example(tiny_tokenizer, "q " * 40, "a", max_length=MIN_MAX_LENGTH)["input_ids"]) == MIN_MAX_LENGTH
 
 
 def test_collate_masks_padding_by_attention_mask_when_pad_is_eos(tiny_tokenizer):

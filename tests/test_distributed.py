@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from test_train import REPO, cli, deltas, tiny_overrides, write_train_rows
+from helpers import REPO, cli, deltas, tiny_overrides, write_train_rows
 
 
 def free_port() -> int:
@@ -51,10 +51,28 @@ def test_two_processes_equal_one_process(tiny_llama_dir, tmp_path):
     a, b = deltas(one), deltas(two)
     assert a.keys() == b.keys()
     for name in a:
-        if name.endswith(".delta"):
+        if name.endswith("delta"):
             scale = a[name].abs().max()
             assert scale > 0 and (a[name] - b[name]).abs().max() <= 1e-4 * scale, name
     losses = [[json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
               for run in (one, two)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    assert torch.equal(a[next(n for n in a if n.endswith(".indices"))], b[next(n for n in b if n.endswith(".indices"))])
+    assert torch.equal(a[next(n for n in a if n.endswith("indices"))], b[next(n for n in b if n.endswith("indices"))])
+
+
+def test_validation_runs_on_process_zero_and_every_process_agrees(tiny_llama_dir, tmp_path):
+    """Validation every step with 2 processes: the same evaluations and kept step as 1 process; the validation
+    state reaches process 1 (a broadcast), so both stop together and the launch exits cleanly."""
+    data_dir = write_train_rows(tmp_path / "data")
+    overrides = [o for o in tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "unused", steps=3)
+                 if not o.startswith("trainer.output_dir")]
+    overrides += ["data.val_fraction=0.25", "trainer.eval_every=1", "trainer.early_stopping_patience=5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("train", *overrides, f"trainer.output_dir={one}")
+    accelerate_launch("train", *overrides, f"trainer.output_dir={two}", cwd=tmp_path)
+    records = [json.loads((run / "run.json").read_text())["validation"] for run in (one, two)]
+    assert records[0]["evaluations"] == records[1]["evaluations"] == 3
+    assert records[0]["step"] == records[1]["step"]
+    assert records[0]["value"] == pytest.approx(records[1]["value"], rel=1e-4)
+    for run in (one, two):
+        assert (run / "adapter_last" / "adapter_model.safetensors").is_file()

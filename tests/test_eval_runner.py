@@ -9,12 +9,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import tiny_llama
 from neuroada_cli.errors import UserError
 from neuroada_cli.eval import evaluate, get_task, resolve_tasks, run_eval_from_config
 from neuroada_cli.eval.arithmetic import ArithmeticTask
 from neuroada_cli.eval.commonsense import CommonsenseTask
 from neuroada_cli.eval.extract import commonsense_trigger, last_number, numbers_match
+
+from helpers import tiny_llama
 
 BOOLQ = [
     {"instruction": f"Please answer the following question with true or false, question: is {q}?\n\n"
@@ -218,3 +219,11 @@ def test_run_eval_from_config_merges_the_adapter(tiny_llama_dir, data_dir, tmp_p
     for a, b, c in zip(scores("merged"), scores("unmerged"), scores("base")):
         assert a["true"] == pytest.approx(b["true"], abs=1e-3) and a["false"] == pytest.approx(b["false"], abs=1e-3)
         assert a["true"] != pytest.approx(c["true"], abs=1e-3)
+
+
+def test_load_trained_refuses_a_missing_adapter_folder(tiny_llama_dir, tmp_path):
+    from neuroada_cli.methods import load_trained
+
+    cfg = {"method": "neuroada", "model": {"name_or_path": str(tiny_llama_dir)}, "task": {"kind": "causal_lm"}}
+    with pytest.raises(UserError, match="adapter .*nowhere.* not found"):
+        load_trained(cfg, tmp_path / "nowhere", merge=True)

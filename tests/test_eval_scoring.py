@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_llama
-from neuroada_cli.errors import UserError
+from helpers import make_tokenizer, tiny_llama
 from neuroada_cli.data.batching import length_sorted_batches
+from neuroada_cli.errors import UserError
 from neuroada_cli.eval.generation import encode, generate_ids, generate_texts, left_pad
-from neuroada_cli.eval.loglik import _plan_rows, choose, score_continuations
+from neuroada_cli.eval.loglik import plan_rows, choose, score_continuations
 
 PROMPTS = [
     "the quick brown fox",
@@ -118,8 +118,8 @@ def test_loglik_shared_forward_equals_one_row_per_candidate(model, tiny_tokenize
     continuations = [["the correct answer is " + c for c in cands] for _, cands in CHOICES]
     prompt_ids = encode(tiny_tokenizer, prompts)
     full_ids = [encode(tiny_tokenizer, [p + c for c in conts]) for p, conts in zip(prompts, continuations)]
-    shared_rows, _ = _plan_rows(prompt_ids, full_ids, share=True)
-    plain_rows, _ = _plan_rows(prompt_ids, full_ids, share=False)
+    shared_rows, _ = plan_rows(prompt_ids, full_ids, share=True)
+    plain_rows, _ = plan_rows(prompt_ids, full_ids, share=False)
     assert len(plain_rows) == sum(len(c) for c in continuations)
     assert len(shared_rows) < len(plain_rows)  # at least one example needed a single forward
     shared = score_continuations(model, tiny_tokenizer, prompts, continuations, batch_size=4)

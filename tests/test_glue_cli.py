@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from glue_fixtures import glue_rows, write_glue_task, write_jsonl
+from helpers import cli, glue_rows, write_glue_task, write_jsonl
 from neuroada_cli.cli import main
-from test_train import cli
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,9 @@ def test_train_and_eval_end_to_end(task, metric, bert_dir, data_dir, tmp_path, c
     record = json.loads((run / "run.json").read_text())
     assert record["bypass_params"] > 0 and record["head_params"] > 0
     assert record["trainable_params"] == record["bypass_params"] + record["head_params"] + record["bias_params"]
-    assert record["selection"]["metric"] == metric  # the best epoch on the selection part (adapter/ holds it)
+    assert record["validation"]["metric"] == metric  # the best epoch on the selection part (adapter/ holds it)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log if "selection" in entry] == [3, 6]  # after each of the 2 epochs
+    assert [entry["step"] for entry in log if "validation" in entry] == [3, 6]  # after each of the 2 epochs
     results = json.loads((run / "eval/results.json").read_text())
     entry = results["tasks"][f"glue/{task}"]
     assert entry["metric"] == metric and entry["n"] == 12 and entry["done"]  # report part: 24 - 24 // 2

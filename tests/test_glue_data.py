@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from neuroada_cli import paths
-from neuroada_cli.data import glue
 from neuroada_cli.data.batching import length_sorted_batches
-from neuroada_cli.data.glue import (GLUE_TASKS, collate_classification, encode, glue_task, load_split, loreft_split,
-                                    loreft_split_indices)
+from neuroada_cli.glue import data as glue
+from neuroada_cli.glue.data import (collate_classification, encode, load_split, loreft_split, loreft_split_indices,
+                                    report_rows, selection_rows)
+from neuroada_cli.glue.tasks import GLUE_TASKS, glue_task
 from neuroada_cli.errors import UserError
 
 RTE_ROWS = [
@@ -60,6 +61,8 @@ def test_task_table_covers_the_eight_tasks():
     assert set(GLUE_TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}
     assert glue_task("stsb").is_regression and glue_task("stsb").num_labels == 1
     assert glue_task("mnli").num_labels == 3
+    assert glue_task("stsb").problem_type == "regression"
+    assert {s.problem_type for name, s in GLUE_TASKS.items() if name != "stsb"} == {"single_label_classification"}
     assert glue_task("mnli").validation_splits == ("validation_matched", "validation_mismatched")
     assert glue_task("mnli").selection_split == "validation_matched"
     assert glue_task("qqp").text_columns == ("question1", "question2")
@@ -108,7 +111,7 @@ def test_missing_split_names_expected_path(tmp_path, offline):
 
 @pytest.mark.parametrize("task,split", [("mnli", "train"), ("qqp", "validation"), ("qnli", "train")])
 def test_missing_split_absent_from_shared_data_says_so(tmp_path, offline, task, split):
-    with pytest.raises(UserError, match="not in the shared data bundle"):
+    with pytest.raises(UserError, match="data bundle this project is tested with has no MNLI"):
         load_split(task, split, tmp_path)
 
 
@@ -183,6 +186,18 @@ def test_loreft_split_matches_pyreft_random_split(n, seed):
         m = 1000 if n > 5000 else n // 2
         report, selection = torch.utils.data.random_split(range(n), [n - m, m])
     assert loreft_split_indices(n, seed) == (sorted(selection.indices), sorted(report.indices))
+
+
+def test_selection_and_report_rows_are_the_two_parts_of_the_selection_split(tmp_path):
+    rows = [{"sentence1": f"s{i}", "sentence2": "t", "label": i % 2, "idx": i} for i in range(12)]
+    write_jsonl(tmp_path / "glue" / "rte" / "validation.jsonl", rows)
+    selection, report = loreft_split(rows, seed=3)
+    assert selection_rows("rte", tmp_path, seed=3) == selection and report_rows("rte", tmp_path, seed=3) == report
+    assert selection_rows("rte", tmp_path, seed=4) != selection  # the part depends on the run seed
+    write_jsonl(tmp_path / "glue" / "mnli" / "validation_mismatched.jsonl",
+                [{"premise": "p", "hypothesis": f"h{i}", "label": i % 3, "idx": i} for i in range(6)])
+    assert [r["idx"] for r in report_rows("mnli", tmp_path, 3, split="validation_mismatched")] == \
+        [[0, 1, 2, 3, 4, 5][i] for i in loreft_split_indices(6, 3)[1]]
 
 
 def test_loreft_split_leaves_global_rng_alone():

@@ -1,4 +1,5 @@
-"""GLUE metrics against values worked out by hand from the formulas (not from the same library)."""
+"""GLUE metrics against values worked out by hand from the formulas (not from the same library), and the
+shipped ``evaluate`` module loaded offline giving the same numbers."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from neuroada_cli.errors import UserError
-from neuroada_cli.eval.glue_metrics import glue_metrics, primary_metric
+from neuroada_cli.glue import metrics
+from neuroada_cli.glue.metrics import glue_metrics, primary_metric
 
 # Binary case used for CoLA / MRPC: TP = 4 (i 0,4,6,7), FP = 1 (i 1), TN = 2 (i 2,5), FN = 1 (i 3).
 PREDS = [1, 1, 0, 0, 1, 0, 1, 1]
@@ -90,3 +92,57 @@ def test_bad_inputs():
         glue_metrics("rte", [], [])
     with pytest.raises(ValueError, match="shape"):
         glue_metrics("rte", np.zeros((2, 3)), [0, 1])
+
+
+# ------------------------------------------------------------------ the evaluate module, offline
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Offline flags set, and any socket connection fails: loading must not need the network."""
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+
+    def refuse(*_args, **_kwargs):
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(metrics, "_LOADED", {})  # load from the package again, not from this process's cache
+
+
+STSB_PREDS, STSB_LABELS = [0.1, 2.6, 2.4, 4.9, 3.3], [0.0, 2.5, 2.5, 5.0, 1.2]
+CASES = [("cola", PREDS, LABELS), ("mrpc", PREDS, LABELS), ("qqp", [0, 0, 1], [1, 0, 1]), ("rte", PREDS, LABELS),
+         ("mnli", [0, 2, 1, 1], [0, 1, 1, 2]), ("stsb", STSB_PREDS, STSB_LABELS)]
+
+
+def test_metric_module_ships_inside_the_package():
+    assert metrics.METRIC_DIR.is_dir()
+    assert (metrics.METRIC_DIR / "neuroada_glue.py").is_file()  # evaluate.load wants <dir>/<dir name>.py
+
+
+@pytest.mark.parametrize("task,preds,labels", CASES)
+def test_evaluate_load_from_the_package_path_offline_gives_glue_metrics(no_network, task, preds, labels):
+    import evaluate
+
+    module = evaluate.load(str(metrics.METRIC_DIR), config_name=task)
+    assert isinstance(module, evaluate.Metric)
+    got = module.compute(predictions=preds, references=labels)
+    expected = glue_metrics(task, preds, labels)
+    assert got == expected  # exactly: same function, stsb scores kept float64 (float32 would move them)
+    assert metrics.load_metric(task).compute(predictions=preds, references=labels) == expected
+
+
+def test_score_takes_logits_and_goes_through_the_module(no_network):
+    logits = np.array([[3.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
+    assert metrics.score("mnli", logits, [0, 1, 1, 0]) == {"accuracy": 0.75}
+    assert set(metrics._LOADED) == {"mnli"}
+    assert metrics.score("stsb", np.array(STSB_PREDS)[:, None], STSB_LABELS) == glue_metrics("stsb", STSB_PREDS,
+                                                                                            STSB_LABELS)
+
+
+def test_metric_module_refuses_an_unknown_config(no_network):
+    import evaluate
+
+    with pytest.raises(KeyError, match="config_name must be one of"):
+        evaluate.load(str(metrics.METRIC_DIR), config_name="squad")

@@ -12,7 +12,7 @@ from neuroada_cli import models
 from neuroada_cli.errors import UserError
 from neuroada_cli.models import apply_pad_policy, load_model_and_tokenizer, resolve_model_source
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 
 def _word_tokenizer(tokens: list[str], **specials):
@@ -124,13 +124,25 @@ def test_smollm_family_pad_is_eos():
 
 # ---------------------------------------------------------------- sources and errors
 
-def test_unknown_hub_id_offline_is_a_user_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_unknown_hub_id_offline_is_a_user_error(monkeypatch, variable):
+    """Any of the three offline variables (paths.hub_offline) keeps the hub untouched: local cache only."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")
+    seen = {}
+
+    def offline_loader(location, **options):
+        seen.update(options)
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline_loader)
     with pytest.raises(UserError) as info:
         load_model_and_tokenizer("nobody-org/no-such-model-xyz")
     message = str(info.value)
     assert "nobody-org/no-such-model-xyz" in message and "embedded:smollm2-135m-instruct" in message
-    assert "local directory" in message
+    assert "the hub is offline" in message and "local directory" in message
+    assert seen["local_files_only"] is True
 
 
 def test_source_resolution_errors(tmp_path):
@@ -207,8 +219,44 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch, fake_gguf
             load_model_and_tokenizer(str(source_dir))
     models_dir = tmp_path / "cache" / "models"
     assert list(models_dir.iterdir()) == []
-    load_model_and_tokenizer(str(source_dir))  # the next run converts cleanly
+    model, _ = load_model_and_tokenizer(str(source_dir))  # the next run converts cleanly
     assert len(fake_gguf_loader) == 2
+    assert [p.name for p in models_dir.iterdir()] == [models.resolve_model_source(str(source_dir)).cache_name]
+    assert torch.equal(model.lm_head.weight, tiny_llama().lm_head.weight)
+
+
+def test_stale_cache_is_replaced_and_a_racing_conversion_is_reused(tmp_path, monkeypatch, fake_gguf_loader):
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path / "cache"))
+    source_dir = tmp_path / "gguf-model"
+    source_dir.mkdir()
+    (source_dir / "tiny.gguf").write_bytes(b"GGUF fake")
+    source = resolve_model_source(str(source_dir))
+    cache = models.cached_checkpoint(source)
+    marker = json.loads((cache / models.CACHE_MARKER).read_text())
+    (cache / models.CACHE_MARKER).write_text(json.dumps({**marker, "format": -1}))  # stale: an old converter
+    (cache / "stale-file").write_text("old")
+    assert models.cached_checkpoint(source) == cache and len(fake_gguf_loader) == 2
+    assert not (cache / "stale-file").exists() and [p.name for p in cache.parent.iterdir()] == [cache.name]
+
+    # Another process renames its finished conversion into place while ours runs: ours yields to it.
+    import neuroada_cli.atomic as atomic
+
+    real_rename = atomic.os.rename
+
+    def rename_after_a_rival(source_path, target_path):
+        if str(target_path) == str(cache) and not cache.exists():
+            real_rename(rival, cache)
+            raise OSError("Directory not empty")
+        return real_rename(source_path, target_path)
+
+    rival = tmp_path / "rival"
+    import shutil
+
+    shutil.copytree(cache, rival)
+    shutil.rmtree(cache)
+    monkeypatch.setattr(atomic.os, "rename", rename_after_a_rival)
+    assert models.cached_checkpoint(source) == cache and len(fake_gguf_loader) == 3
+    assert (cache / "model.safetensors").is_file() and [p.name for p in cache.parent.iterdir()] == [cache.name]
 
 
 # ---------------------------------------------------------------- embedded models
@@ -244,3 +292,85 @@ def test_embedded_smollm2_conversion_then_cache_hit(tmp_path, monkeypatch):
     cached, _ = load_model_and_tokenizer("embedded:smollm2-135m-instruct")
     assert torch.equal(cached.generate(**prompt, max_new_tokens=4, do_sample=False), first)
     assert "Paris" in tokenizer.decode(first[0])
+
+
+# ---------------------------------------------------------------- your own model: attention, all-linear
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attn_implementation_reaches_from_pretrained(tiny_llama_dir, implementation):
+    model, _ = load_model_and_tokenizer(str(tiny_llama_dir), attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation
+
+
+def test_attn_implementation_errors(tiny_llama_dir):
+    with pytest.raises(UserError, match="model.attn_implementation='fast' is unknown; use null, eager, sdpa"):
+        load_model_and_tokenizer(str(tiny_llama_dir), attn_implementation="fast")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UserError, match="flash_attention_2 needs the flash-attn package .*use sdpa"):
+            load_model_and_tokenizer(str(tiny_llama_dir), attn_implementation="flash_attention_2")
+
+
+def test_eval_and_export_load_with_the_configured_attn_implementation(tiny_llama_dir):
+    """model.attn_implementation reaches from_pretrained through methods.load_trained (eval, export) too."""
+    from neuroada_cli import config
+    from neuroada_cli.methods import load_trained
+
+    for implementation in ("eager", "sdpa"):
+        cfg = config.validate(config.compose("smollm2_commonsense", [f"model.name_or_path={tiny_llama_dir}",
+                                                                     f"model.attn_implementation={implementation}"]))
+        model, _, _ = load_trained(cfg, None, merge=False)
+        assert model.config._attn_implementation == implementation
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "bert", "roberta"])
+def test_all_linear_is_every_linear_but_the_output_head(arch):
+    from helpers import build_arch
+
+    from neuroada_cli.method.model import name_matches
+    from neuroada_cli.methods.targets import all_linear_targets
+
+    model, _ = build_arch(arch)
+    targets = all_linear_targets(model)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    chosen = [name for name in linear if name_matches(name, targets)]
+    heads = ("lm_head", "embed_out", "classifier")  # llama, gpt_neox, bert/roberta (score for llama classifiers)
+    assert chosen == [name for name in linear if not name.startswith(heads)]
+    assert len(chosen) < len(linear)
+    if arch == "llama":
+        assert targets == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    if arch == "roberta":  # the head's dense shares its last name with the body's: full-name patterns
+        assert all("\\." in target for target in targets)
+
+
+def test_neuroada_and_lora_attach_all_linear():
+    from omegaconf import OmegaConf
+
+    from neuroada_cli.method.layer import NeuroAdaLinear
+    from neuroada_cli.methods import get_method
+
+    cfg = OmegaConf.create({
+        "task": {"kind": "causal_lm"},
+        "neuroada": {"k": 2, "selection": "magnitude", "target_modules": "all-linear", "train_bias": False,
+                     "modules_to_save": [], "seed": 0, "impl": "fused"},
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["all-linear"], "modules_to_save": None}})
+    adapted = get_method("neuroada").attach(cfg, tiny_llama())
+    layers = {name for name, module in adapted.named_modules() if isinstance(module, NeuroAdaLinear)}
+    assert len(layers) == 2 * 7 and not any("lm_head" in name for name in layers)
+    lora = get_method("lora").attach(cfg, tiny_llama())
+    wrapped = {name for name, module in lora.named_modules() if hasattr(module, "lora_A")}
+    assert len(wrapped) == 2 * 7 and not any("lm_head" in name for name in wrapped)
+
+
+def test_config_accepts_all_linear_both_ways_and_checks_new_keys():
+    from neuroada_cli import config
+
+    for value in ("all-linear", "[all-linear]"):
+        typed = config.validate(config.compose(None, [f"neuroada.target_modules={value}",
+                                                      f"lora.target_modules={value}"]))
+        assert typed.neuroada.target_modules in ("all-linear", ["all-linear"])
+    for bad, message in (("neuroada.target_modules=[]", "neuroada.target_modules=.* not valid"),
+                         ("model.attn_implementation=fast", "model.attn_implementation='fast' is not valid"),
+                         ("data.format=sharegpt", "data.format='sharegpt' is not valid"),
+                         ("data.val_fraction=1.5", "data.val_fraction=1.5 must be between 0 and 1")):
+        with pytest.raises(UserError, match=message):
+            config.validate(config.compose(None, [bad]))

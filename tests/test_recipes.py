@@ -27,16 +27,12 @@ def composed(name: str):
 
 @pytest.fixture
 def hydra_dirs(tmp_path, monkeypatch):
-    """Copies of configs/ and recipes/ that a test may extend; Hydra is re-created on them and after."""
-    from hydra.core.global_hydra import GlobalHydra
-
+    """Copies of configs/ and recipes/ that a test may extend (every compose reads paths.* afresh)."""
     shutil.copytree(paths.configs_dir(), tmp_path / "configs")
     shutil.copytree(paths.recipes_dir(), tmp_path / "recipes")
     monkeypatch.setattr(paths, "configs_dir", lambda: tmp_path / "configs")
     monkeypatch.setattr(paths, "recipes_dir", lambda: tmp_path / "recipes")
-    GlobalHydra.instance().clear()
-    yield tmp_path
-    GlobalHydra.instance().clear()
+    return tmp_path
 
 
 def test_every_expected_recipe_exists():
@@ -50,6 +46,8 @@ def test_recipe_composes_validates_and_documents_its_launch(name):
     assert cfg.recipe == name and cfg.trainer.output_dir.startswith(f"outputs/{name}/")
     text = (paths.recipes_dir() / f"{name}.yaml").read_text()
     assert text.startswith("# ") and f"# Launch: neuroada train recipe={name}\n" in text
+    description, launch = config.recipe_header(paths.recipes_dir() / f"{name}.yaml")
+    assert launch == f"neuroada train recipe={name}" and len(description) > 20 and "Launch" not in description
 
 
 @pytest.mark.parametrize("name", [r for r in RECIPES if r.startswith("llama")])
@@ -102,7 +100,7 @@ def test_a_recipe_merging_an_unknown_key_is_rejected(hydra_dirs):
 
 
 def test_nested_task_groups_slot_in(hydra_dirs):
-    """GLUE tasks will live in task/glue/<name>.yaml and be chosen with task=glue/<name>."""
+    """A task in a nested group (task/glue/<name>.yaml, chosen with task=glue/<name>); num_labels may be set."""
     glue = hydra_dirs / "configs" / "task" / "glue"
     glue.mkdir(exist_ok=True)
     (glue / "fixture.yaml").write_text("name: glue/fixture\nkind: sequence_classification\ntrain_dataset: rte\n"

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from neuroada_cli import NeuroAdaConfig, count_parameters, inject, neuroada_layers
+from neuroada_cli.errors import UserError
 from neuroada_cli.method import selection
+
+from helpers import tiny_llama
 
 
 def test_magnitude_keeps_largest_abs_per_row_sorted_by_column():
@@ -47,6 +50,7 @@ def test_inject_uses_the_selection_per_layer():
     layers = neuroada_layers(model)
     assert torch.equal(layers["0"].neuroada_idx, selection.reverse(weights[0], 2))
     assert torch.equal(layers["2"].neuroada_idx, selection.reverse(weights[1], 2))
+    assert not torch.equal(layers["0"].neuroada_idx, selection.magnitude(weights[0], 2))  # not the default
 
 
 def _dense_grad_abs(model_factory, batches, name):
@@ -62,8 +66,6 @@ def _dense_grad_abs(model_factory, batches, name):
 
 @pytest.mark.parametrize("n_batches", [1, 3])
 def test_gradient_selection_equals_top_k_of_dense_gradient(n_batches):
-    from conftest import tiny_llama
-
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(n_batches):
@@ -72,15 +74,17 @@ def test_gradient_selection_equals_top_k_of_dense_gradient(n_batches):
     model = tiny_llama()
     inject(model, NeuroAdaConfig(k=4, target_modules=["q_proj", "down_proj"], selection="gradient"),
            gradient_batches=batches)
+    magnitude_model = tiny_llama()
     for name, layer in neuroada_layers(model).items():
         expected = selection.from_scores(_dense_grad_abs(tiny_llama, batches, name), 4)
         assert torch.equal(layer.neuroada_idx, expected), name
+        # the option took effect: the paper's magnitude choice for this layer is a different one
+        magnitude = selection.magnitude(magnitude_model.get_submodule(name).weight, 4)
+        assert not torch.equal(layer.neuroada_idx, magnitude), name
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
 def test_gradient_selection_without_batches_is_a_clear_error():
-    from conftest import tiny_llama
-    from neuroada_cli.errors import UserError
 
     with pytest.raises(UserError, match="gradient_batches"):
         inject(tiny_llama(), NeuroAdaConfig(k=1, selection="gradient"))

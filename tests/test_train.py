@@ -1,4 +1,5 @@
-"""The training loop on a tiny random Llama: batching plan, loss normalisation, methods, resume after SIGKILL."""
+"""The training recipe on a tiny random Llama: batching plan, loss normalisation, methods and options, the
+method and task-kind tables, resume after SIGKILL."""
 from __future__ import annotations
 
 import json
@@ -12,56 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from neuroada_cli import config
 from neuroada_cli.data.batching import BatchPlan, split_global_batch
 from neuroada_cli.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "answer", "solution1", "option2"]
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def write_train_rows(data_dir: Path, n: int = 48, seed: int = 0, stem: str = "commonsense_15k") -> Path:
-    """LLM-Adapters style rows of varied length under <data_dir>/llm_adapters/<stem>/train.json."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        answer = rng.choice(["true", "false"])
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 24)))
-        rows.append({"instruction": f"Please choose the correct answer to the question: {words}", "input": "",
-                     "output": f"the correct answer is {answer}", "answer": answer})
-    folder = data_dir / "llm_adapters" / stem
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.json").write_text(json.dumps(rows))
-    return data_dir
-
-
-def tiny_overrides(model_dir: Path, data_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:
-    return [f"model.name_or_path={model_dir}", f"data.dir={data_dir}", f"trainer.output_dir={output_dir}",
-            f"trainer.max_steps={steps}", "trainer.batch_size=8", "trainer.micro_batch_size=2", "data.max_length=64",
-            "neuroada.k=4", "optimizer.lr=1e-2", "trainer.checkpoint_every=0", "optimizer.warmup_ratio=0.25"]
-
-
-def train_in_process(overrides: list[str]) -> Path:
-    from neuroada_cli.train import train
-
-    return train(config.validate(config.compose(None, overrides)))
-
-
-def deltas(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300,
-        **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "neuroada_cli", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout, **popen)
-    if check and result.returncode != 0:
-        raise AssertionError(f"neuroada {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+from helpers import REPO, cli, deltas, tiny_llama, tiny_overrides, train_in_process, write_train_rows
 
 
 @pytest.fixture
@@ -111,9 +67,9 @@ def test_loss_is_normalised_by_the_global_batch(tiny_llama_dir, data_dir, tmp_pa
     large = train_in_process([o for o in base if not o.startswith(("trainer.output_dir", "trainer.micro_batch_size"))]
                              + [f"trainer.output_dir={tmp_path / 'b'}", "trainer.micro_batch_size=4"])
     a, b = deltas(small), deltas(large)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any(name.endswith("delta") for name in a)
     for name in a:
-        if name.endswith(".delta"):
+        if name.endswith("delta"):
             assert a[name].abs().max() > 0
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
     log_a = [json.loads(line) for line in (small / "train_log.jsonl").read_text().splitlines()]
@@ -122,24 +78,156 @@ def test_loss_is_normalised_by_the_global_batch(tiny_llama_dir, data_dir, tmp_pa
     assert log_a[0]["lr"] == pytest.approx(1e-2) and log_a[-1]["lr"] == 0.0  # one warmup step, linear decay
 
 
-@pytest.mark.parametrize("extra", [
-    ["method=lora", "lora.r=2", "lora.target_modules=[q_proj,v_proj]"],
-    ["neuroada.selection=gradient", "neuroada.gradient_batches=1", "trainer.gradient_checkpointing=true"],
-    ["trainer.precision=bf16", "optimizer.max_grad_norm=1.0", "trainer.tensorboard=true"],
-    ["method=full", "optimizer.lr=1e-4"],
-], ids=["lora", "gradient-selection+checkpointing", "bf16+clip+tensorboard", "full"])
-def test_methods_and_options_train(tiny_llama_dir, data_dir, tmp_path, extra):
-    run = train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=2) + extra)
+def train_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_lora_trains_only_its_matrices(tiny_llama_dir, data_dir, tmp_path):
+    run = train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=2)
+                           + ["method=lora", "lora.r=2", "lora.target_modules=[q_proj,v_proj]"])
     record = json.loads((run / "run.json").read_text())
-    assert 0 < record["trainable_params"] <= record["total_params"]
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)  # no NaN
-    files = {p.name for p in (run / "adapter").iterdir()}
-    assert "adapter_model.safetensors" in files or "model.safetensors" in files
-    if "trainer.tensorboard=true" in extra:
-        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    if "method=lora" in extra:
-        assert record["trainable_params"] == 2 * (2 * (32 + 32) + 2 * (32 + 16))  # 2 layers x r(in + out) of q, v
+    assert record["method"] == "lora"
+    assert record["trainable_params"] == 2 * (2 * (32 + 32) + 2 * (32 + 16))  # 2 layers x r(in + out) of q, v
+    saved = deltas(run)
+    assert saved and all("lora_A" in name or "lora_B" in name for name in saved)
+    assert any(value.abs().max() > 0 for name, value in saved.items() if "lora_B" in name)  # B starts at 0
+
+
+def test_gradient_selection_picks_other_cells_than_magnitude(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
+    """selection=gradient chooses by |dL/dW| on training batches: not the magnitude cells on the same model.
+    Gradient checkpointing is switched on through the model's own (non-reentrant) entry point."""
+    import transformers
+
+    calls = []
+    original = transformers.PreTrainedModel.activation_checkpointing_enable
+
+    def spy(model, *args, **kwargs):
+        calls.append(kwargs)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "activation_checkpointing_enable", spy)
+    common = [o for o in tiny_overrides(tiny_llama_dir, data_dir, tmp_path, steps=1)
+              if not o.startswith("trainer.output_dir")]
+    gradient = train_in_process(common + [f"trainer.output_dir={tmp_path / 'gradient'}", "neuroada.selection=gradient",
+                                          "neuroada.gradient_batches=1", "trainer.gradient_checkpointing=true"])
+    magnitude = train_in_process(common + [f"trainer.output_dir={tmp_path / 'magnitude'}"])
+    assert calls == [{"activation_checkpointing_kwargs": {"use_reentrant": False}}]
+    picked, largest = deltas(gradient), deltas(magnitude)
+    indices = [name for name in picked if name.endswith("indices")]
+    assert indices and picked.keys() == largest.keys()
+    assert sum(not torch.equal(picked[n], largest[n]) for n in indices) >= len(indices) // 2
+    assert all(r["loss"] == r["loss"] for r in train_log(gradient))  # no NaN
+
+
+def test_bf16_autocast_changes_the_loss_but_keeps_fp32_deltas(tiny_llama_dir, data_dir, tmp_path):
+    """bf16 runs the forward in bf16 (another loss than fp32); the deltas and their updates stay fp32.
+    max_grad_norm clips: a tiny norm leaves AdamW's first update far below the unclipped one."""
+    def run(name, *extra):
+        overrides = [o for o in tiny_overrides(tiny_llama_dir, data_dir, tmp_path, steps=2)
+                     if not o.startswith("trainer.output_dir")]
+        return train_in_process(overrides + [f"trainer.output_dir={tmp_path / name}", *extra])
+
+    fp32 = run("fp32")
+    bf16 = run("bf16", "trainer.precision=bf16")
+    clipped = run("clipped", "optimizer.max_grad_norm=1e-12")
+    losses_fp32, losses_bf16 = [r["loss"] for r in train_log(fp32)], [r["loss"] for r in train_log(bf16)]
+    assert losses_bf16[0] != losses_fp32[0] and losses_bf16[0] == pytest.approx(losses_fp32[0], rel=0.05)
+    saved = deltas(bf16)
+    assert all(saved[n].dtype == torch.float32 for n in saved if n.endswith("delta"))
+    size = {name: max(v.abs().max().item() for n, v in deltas(r).items() if n.endswith("delta"))
+            for name, r in (("fp32", fp32), ("clipped", clipped))}
+    assert size["clipped"] < 0.01 * size["fp32"]
+
+
+def test_full_fine_tuning_saves_the_whole_changed_model(tiny_llama_dir, data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    run = train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=2)
+                           + ["method=full", "optimizer.lr=1e-4"])
+    record = json.loads((run / "run.json").read_text())
+    assert record["trainable_params"] == record["total_params"] == sum(p.numel() for p in tiny_llama().parameters())
+    trained = load_file(str(run / "adapter" / "model.safetensors"))
+    base = load_file(str(tiny_llama_dir / "model.safetensors"))
+    assert (run / "adapter" / "tokenizer.json").is_file() and trained.keys() == base.keys()
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
+
+
+def test_run_record_times_the_loop_and_its_overhead(tiny_llama_dir, data_dir, tmp_path):
+    run = train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=3))
+    record = json.loads((run / "run.json").read_text())
+    parts = sum(record[f"{name}_seconds"] for name in ("data", "compute", "log", "checkpoint"))
+    assert record["loop_seconds"] == pytest.approx(parts) and 0 < record["compute_seconds"] < record["loop_seconds"]
+    assert record["overhead_seconds"] == pytest.approx(record["loop_seconds"] - record["compute_seconds"])
+    assert record["tokens_seen"] == sum(r["tokens"] for r in train_log(run)) and record["final_loss"] > 0
+    assert [r["step"] for r in train_log(run)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------- method and kind tables
+def test_unknown_method_or_kind_names_the_valid_ones():
+    from neuroada_cli.kinds import KIND_NAMES, get_kind
+    from neuroada_cli.methods import METHOD_NAMES, get_method
+
+    assert METHOD_NAMES == ("neuroada", "lora", "full")
+    assert KIND_NAMES == ("causal_lm", "sequence_classification")
+    with pytest.raises(UserError, match="method='nope'.*neuroada, lora, full"):
+        get_method("nope")
+    with pytest.raises(UserError, match="task.kind='nope'.*causal_lm, sequence_classification"):
+        get_kind("nope")
+    assert [get_method(name).name for name in METHOD_NAMES] == list(METHOD_NAMES)
+    assert [get_kind(name).name for name in KIND_NAMES] == list(KIND_NAMES)
+
+
+@pytest.mark.parametrize("name", ["neuroada", "lora", "full"])
+def test_every_method_attaches_saves_loads_and_merges(name, tiny_llama_dir, tiny_tokenizer, tmp_path):
+    """Trained weights saved by the method come back through load_trained; merged logits = unmerged logits."""
+    from neuroada_cli import config
+    from neuroada_cli.methods import get_method, load_trained
+
+    cfg = config.validate(config.compose(None, [f"method={name}", f"model.name_or_path={tiny_llama_dir}",
+                                                "neuroada.k=3", "lora.r=2", "lora.target_modules=[q_proj,v_proj]"]))
+    method = get_method(name)
+    model = method.attach(cfg, tiny_llama())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves (LoRA's B starts at zero)
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    method.save(model, tiny_tokenizer, tmp_path / "adapter")
+    inputs = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        trained = model.eval()(input_ids=inputs).logits
+        base = tiny_llama()(input_ids=inputs).logits
+        unmerged, _, info = load_trained(cfg, tmp_path / "adapter", merge=False)
+        merged, _, merged_info = load_trained(cfg, tmp_path / "adapter", merge=True)
+        logits = unmerged.eval()(input_ids=inputs).logits, merged.eval()(input_ids=inputs).logits
+    assert not torch.allclose(trained, base, atol=1e-4)
+    torch.testing.assert_close(logits[0], trained, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any("lora_" in key or "neuroada" in key for key in merged.state_dict())
+    assert info["merged"] is False and merged_info["merged"] is (name != "full") and info["method"] == name
+    counts = method.count(model)
+    assert 0 < counts["trainable_params"] <= counts["total_params"]
+
+
+def test_causal_lm_kind_weights_collates_and_evaluates(tiny_tokenizer, data_dir):
+    """weight = target tokens; evaluate's loss = the summed token loss / the summed weights."""
+    from neuroada_cli.kinds import get_kind
+
+    kind = get_kind("causal_lm")(train_dataset="commonsense_15k", data_dir=str(data_dir), template="commonsense",
+                                 max_length=64, train_limit=6, seed=0)
+    kind.check_inputs()
+    examples = kind.train_examples(tiny_tokenizer)
+    assert len(examples) == 6 and kind.validation_examples(tiny_tokenizer) is None
+    assert [kind.weight(e) for e in examples] == [sum(x != -100 for x in e["labels"][1:]) for e in examples]
+    model = tiny_llama()
+    kind.prepare_model(model)
+    batch = kind.collate(examples, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        total = kind.loss_sum(model, batch).item()
+    model.train()  # evaluate switches to eval mode (no dropout) and back
+    metrics = kind.evaluate(model, examples, tiny_tokenizer.pad_token_id, batch_size=4)
+    assert metrics["loss"] == pytest.approx(total / sum(kind.weight(e) for e in examples), rel=1e-5)
+    assert kind.primary_metric == ("loss", False) and model.training
 
 
 def test_output_dir_holding_a_run_needs_resume(tiny_llama_dir, data_dir, tmp_path):
@@ -200,28 +288,37 @@ def test_fp16_on_cpu_is_refused(tiny_llama_dir, data_dir, tmp_path):
 
 
 def test_glue_classification_keeps_the_best_epoch(tmp_path, bert_dir):
-    """sequence_classification through the same loop: loss per example, selection after every epoch."""
-    from glue_fixtures import write_glue_task
+    """sequence_classification through the same loop: loss per example, validation (on by default: the LoReFT
+    selection part) after every epoch; adapter/ = the best epoch, adapter_last/ = the final weights."""
+    from helpers import write_glue_task
 
     model_dir = bert_dir
     data = write_glue_task(tmp_path / "data", "rte")
     run = train_in_process([
         "task=glue/rte", f"model.name_or_path={model_dir}", "model.family=bert", f"data.dir={data}",
         f"trainer.output_dir={tmp_path / 'run'}", "trainer.epochs=2", "trainer.batch_size=8", "trainer.micro_batch_size=4",
-        "trainer.select_best=true", "trainer.checkpoint_every=0", "neuroada.k=2", "neuroada.modules_to_save=[classifier]",
+        "trainer.checkpoint_every=0", "neuroada.k=2", "neuroada.modules_to_save=[classifier]",
         "neuroada.target_modules=[query,value]", "optimizer.lr=1e-2",
     ])
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    selections = [r for r in log if "selection" in r]
+    evaluations = [r for r in log if "validation" in r]
     steps = [r for r in log if "loss" in r]
-    assert len(selections) == 2 and selections[-1]["step"] == steps[-1]["step"]
+    assert len(evaluations) == 2 and evaluations[-1]["step"] == steps[-1]["step"]
     assert all(r["target_tokens"] == 8 for r in steps)  # one term per example of the global batch
     record = json.loads((run / "run.json").read_text())
-    best = max(selections, key=lambda r: r["selection"]["accuracy"])
-    assert record["selection"]["metric"] == "accuracy" and record["selection"]["step"] == best["step"]
+    best = max(evaluations, key=lambda r: r["validation"]["accuracy"])  # the first of equals is kept
+    assert record["validation"]["metric"] == "accuracy" and record["validation"]["step"] == best["step"]
+    assert record["validation"]["evaluations"] == 2 and record["validation"]["stopped_early"] is False
     assert record["head_params"] > 0 and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter_last" / "adapter_model.safetensors").is_file()
 
 
-def test_select_best_needs_a_glue_task(tiny_llama_dir, data_dir, tmp_path):
-    with pytest.raises(UserError, match="select_best"):
-        train_in_process(tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=1) + ["trainer.select_best=true"])
+def test_removed_trainer_keys_name_their_replacement():
+    from omegaconf import OmegaConf
+
+    from neuroada_cli.config_schema import check_unknown_keys
+
+    with pytest.raises(UserError, match=r"report_to=\[tensorboard\]"):
+        check_unknown_keys(OmegaConf.create({"trainer": {"tensorboard": True}}))
+    with pytest.raises(UserError, match="trainer.validate"):
+        check_unknown_keys(OmegaConf.create({"trainer": {"select_best": True}}))

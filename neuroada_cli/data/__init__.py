@@ -1,1 +1,4 @@
-"""Data: LLM-Adapters JSON sets, GLUE JSON Lines, prompts and batching."""
+"""Data: LLM-Adapters JSON sets, your own files (alpaca, prompt/completion, chat), prompts, tokenisation and batching.
+
+GLUE data lives with the rest of GLUE in neuroada_cli/glue/.
+"""

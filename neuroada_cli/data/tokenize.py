@@ -27,6 +27,13 @@ from .prompts import build_prompt, build_target
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+MIN_MAX_LENGTH = 8  # the one lower bound on data.max_length (config validation and every tokeniser use it)
+
+
+def check_max_length(max_length, key: str = "data.max_length") -> None:
+    """UserError unless ``max_length`` is a whole number >= MIN_MAX_LENGTH."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
+        raise UserError(f"{key}={max_length!r} is too small; use a whole number >= {MIN_MAX_LENGTH} (e.g. 512)")
 
 
 def special_prefix_ids(tokenizer) -> list[int]:
@@ -49,24 +56,12 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _assemble(prefix: list[int], prompt_ids: list[int], full_ids: list[int], eos: int, max_length: int) -> dict:
+def _assemble(prefix: list[int], prompt_ids: list[int], full_ids: list[int], eos: int, max_length: int,
+              train_on_prompt: bool = False) -> dict:
     input_ids = (prefix + list(full_ids) + [eos])[:max_length]
-    masked = min(len(prefix) + len(prompt_ids), len(input_ids))
+    masked = 0 if train_on_prompt else min(len(prefix) + len(prompt_ids), len(input_ids))
     labels = [IGNORE_INDEX] * masked + input_ids[masked:]
     return {"input_ids": input_ids, "labels": labels}
-
-
-def _check_max_length(max_length: int) -> None:
-    if not isinstance(max_length, int) or max_length < 2:
-        raise UserError(f"data.max_length={max_length!r} is too small; use an integer >= 2 (e.g. 512)")
-
-
-def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> dict:
-    """One example: ``{"input_ids": [...], "labels": [...]}`` (lists of ints, same length)."""
-    _check_max_length(max_length)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(prompt + target, add_special_tokens=False)["input_ids"]
-    return _assemble(special_prefix_ids(tokenizer), prompt_ids, full_ids, _eos_id(tokenizer), max_length)
 
 
 def tokenize_rows(rows: list[dict], tokenizer, template: str, max_length: int) -> list[dict]:
@@ -75,19 +70,56 @@ def tokenize_rows(rows: list[dict], tokenizer, template: str, max_length: int) -
     Examples with no target token left after truncation are dropped (logged); if nothing is
     left, that is a UserError naming data.max_length.
     """
-    _check_max_length(max_length)
-    if not rows:
+    check_max_length(max_length)
+    pairs = [(build_prompt(row, template), build_target(row, template)) for row in rows]
+    return drop_untargeted(tokenize_pairs(pairs, tokenizer, max_length), max_length)
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int, train_on_prompt: bool = False) -> list[dict]:
+    """(prompt, completion) pairs -> examples (two batched tokenizer calls); nothing dropped.
+
+    ``train_on_prompt`` labels the prompt too (LLM-Adapters' train_on_inputs); by default it is masked.
+    """
+    check_max_length(max_length)
+    if not pairs:
         return []
-    prompts = [build_prompt(row, template) for row in rows]
-    fulls = [prompt + build_target(row, template) for prompt, row in zip(prompts, rows)]
     prefix, eos = special_prefix_ids(tokenizer), _eos_id(tokenizer)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
-    examples = [_assemble(prefix, p, f, eos, max_length) for p, f in zip(prompt_ids, full_ids)]
+    prompt_ids = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([prompt + target for prompt, target in pairs], add_special_tokens=False)["input_ids"]
+    return [_assemble(prefix, p, f, eos, max_length, train_on_prompt) for p, f in zip(prompt_ids, full_ids)]
+
+
+def tokenize_records(records: list[dict], tokenizer, max_length: int, train_on_prompt: bool = False) -> list[dict]:
+    """Normalised records (data/formats.py: prompt/completion pairs or chat messages) -> examples, in order.
+
+    Pairs go through ``tokenize_pairs``, conversations through the chat template (data/chat.py); examples
+    without a target token left are dropped as in ``tokenize_rows``.
+    """
+    from .chat import tokenize_chats
+
+    check_max_length(max_length)
+    chats = [index for index, record in enumerate(records) if "messages" in record]
+    pairs = [index for index, record in enumerate(records) if "messages" not in record]
+    examples: list[dict | None] = [None] * len(records)
+    chat_examples = tokenize_chats([records[i]["messages"] for i in chats], tokenizer, max_length, train_on_prompt)
+    pair_examples = tokenize_pairs([(records[i]["prompt"], records[i]["completion"]) for i in pairs], tokenizer,
+                                   max_length, train_on_prompt)
+    for index, example in zip(chats + pairs, chat_examples + pair_examples):
+        examples[index] = example
+    return drop_untargeted(examples, max_length)
+
+
+def drop_untargeted(examples: list[dict], max_length: int) -> list[dict]:
+    """The examples that still have a target token (truncation may have cut all of it); logs how many went.
+
+    UserError naming data.max_length when none is left (a 0/0 loss otherwise).
+    """
+    if not examples:
+        return []
     kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
     if not kept:
         raise UserError(
-            f"data.max_length={max_length} leaves no target token in any of the {len(rows)} examples; raise it"
+            f"data.max_length={max_length} leaves no target token in any of the {len(examples)} examples; raise it"
         )
     if len(kept) < len(examples):
         logger.warning("dropped %d of %d examples whose target was cut off by data.max_length=%d",

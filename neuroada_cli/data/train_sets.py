@@ -3,6 +3,9 @@
 Stems name ``<data dir>/llm_adapters/<stem>/train.json`` (or ``.json.gz``); the LLM-Adapters
 ones are commonsense_15k, commonsense_170k, math_10k and math_50k, but any folder laid out the
 same way works. Rows are the LLM-Adapters objects ``{instruction, input, output, answer}``.
+
+``load_records`` is what a causal-LM run reads: those rows, or the user's own file (``data.train_file``, any
+format of data/formats.py), plus the validation records (``data.val_file`` or ``data.val_fraction``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import UserError
 from .llm_adapters import REQUIRED_FIELDS, TEXT_FIELDS, find_file, load_rows
+from .prompts import build_prompt, build_target
 
 KNOWN_STEMS = ("commonsense_15k", "commonsense_170k", "math_10k", "math_50k")
 _JSON_SUFFIXES = (".json", ".json.gz")
@@ -31,13 +35,6 @@ def _looks_like_path(dataset: str) -> bool:
     return dataset.endswith(_JSON_SUFFIXES) or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1
 
 
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def _missing(dataset: str, directory: Path) -> UserError:
     expected = directory / "llm_adapters" / dataset / "train.json"
     present = available_train_sets(directory)
@@ -51,7 +48,7 @@ def _missing(dataset: str, directory: Path) -> UserError:
 
 
 def _hub_rows(dataset: str) -> list[dict]:
-    if _hub_offline():
+    if paths.hub_offline():
         raise UserError(
             f"training set {dataset!r} looks like a hub dataset id but the hub is offline (HF_HUB_OFFLINE); "
             "use a stem under data.dir (e.g. commonsense_15k) or a local JSON file"
@@ -97,10 +94,13 @@ def load_train_rows(dataset: str, data_dir: str | Path | None, limit: int | None
     returned in file order: deterministic for a given seed, and unlike "first N" it does not
     over-represent whatever task the file starts with (commonsense_15k is grouped by task).
     """
+    return seeded_subset(_all_rows(_checked_stem(dataset), paths.data_dir(data_dir)), limit, seed)
+
+
+def _checked_stem(dataset) -> str:
     if not isinstance(dataset, str) or not dataset.strip():
         raise UserError("task.train_dataset is empty; give a stem such as commonsense_15k, a JSON path or a hub id")
-    dataset = dataset.strip()
-    return seeded_subset(_all_rows(dataset, paths.data_dir(data_dir)), limit, seed)
+    return dataset.strip()
 
 
 def _all_rows(dataset: str, directory: Path) -> list[dict]:
@@ -119,3 +119,69 @@ def _all_rows(dataset: str, directory: Path) -> list[dict]:
     if _looks_like_path(dataset):
         raise UserError(f"training file {dataset!r} not found; check task.train_dataset")
     return _hub_rows(dataset)
+
+
+# ------------------------------------------------------------------------------------- your own data
+def split_validation(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training part, validation part) of ``records``: a seeded ``fraction`` held out, both kept in file order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise UserError(f"data.val_fraction={fraction!r} must be a number between 0 and 1 (e.g. 0.05) or null")
+    count = round(len(records) * fraction)
+    if not 1 <= count < len(records):
+        raise UserError(f"data.val_fraction={fraction} of {len(records)} training rows leaves no validation or no "
+                        "training row; use a larger file, another fraction, or data.val_file")
+    # its own seed stream: the held-out rows do not depend on data.train_limit's draw
+    held_out = set(random.Random(f"neuroada-validation:{seed}").sample(range(len(records)), count))
+    return ([r for i, r in enumerate(records) if i not in held_out],
+            [r for i, r in enumerate(records) if i in held_out])
+
+
+def _limited_with_validation(records: list, limit: int, fraction: float, seed: int) -> tuple[list, list]:
+    """``limit`` training rows (the same draw as without validation) + fraction x limit held-out rows from the rest."""
+    split_validation(records, fraction, seed)  # the same value checks
+    train = seeded_subset(records, limit, seed)
+    chosen = {id(row) for row in train}
+    rest = [row for row in records if id(row) not in chosen]
+    count = min(max(1, round(limit * fraction)), len(rest))
+    held_out = set(random.Random(f"neuroada-validation:{seed}").sample(range(len(rest)), count))
+    return train, [row for i, row in enumerate(rest) if i in held_out]
+
+
+def file_records(source: str, key: str, data_format: str, template: str) -> list[dict]:
+    """Normalised records (data/formats.py) of a user file or hub dataset named by config key ``key``."""
+    from .files import read_table
+    from .formats import to_records
+
+    label, rows = read_table(source, key)
+    return to_records(rows, data_format, label, template)
+
+
+def load_records(*, train_dataset: str, data_dir: str | Path | None, template: str, train_file: str | None = None,
+                 data_format: str = "auto", limit: int | None = None, seed: int = 0, val_file: str | None = None,
+                 val_fraction: float | None = None) -> tuple[list[dict], list[dict] | None]:
+    """(training records, validation records or None) of a causal-LM run.
+
+    Training rows come from ``train_file`` (any format, data/formats.py) when given, else from the
+    LLM-Adapters set ``train_dataset`` with ``template`` (exactly the rows ``load_train_rows`` gives).
+    Validation: ``val_file`` (same formats), or a seeded ``val_fraction`` of the rows the run trains on
+    (``limit`` of them when set; neither = None). With a ``limit`` smaller than the file, the training rows are
+    exactly those of a run without validation and the validation rows (fraction x limit) come from the rest.
+    """
+    from .formats import check_format
+
+    check_format(data_format)
+    if val_file is not None and val_fraction is not None:
+        raise UserError("data.val_file and data.val_fraction are both set; keep one (set the other to null)")
+    if train_file is not None:
+        records = file_records(train_file, "data.train_file", data_format, template)
+    else:
+        rows = _all_rows(_checked_stem(train_dataset), paths.data_dir(data_dir))
+        records = [{"prompt": build_prompt(row, template), "completion": build_target(row, template)} for row in rows]
+    validation = None
+    if val_fraction is not None and limit is not None and limit < len(records):
+        return _limited_with_validation(records, limit, val_fraction, seed)
+    if val_fraction is not None:
+        records, validation = split_validation(records, val_fraction, seed)
+    elif val_file is not None:
+        validation = file_records(val_file, "data.val_file", data_format, template)
+    return seeded_subset(records, limit, seed), validation

@@ -1,4 +1,4 @@
-"""The eval task interface shared by every suite (commonsense, arithmetic, and later GLUE).
+"""The eval task interface shared by every suite (commonsense, arithmetic, GLUE).
 
 A task is any object with the attributes and methods of ``EvalTask`` (a structural Protocol, no base
 class to inherit). The runner only ever does::

@@ -49,7 +49,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], share: bool) -> tuple[list[_Row], list[list[int]]]:
+def plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], share: bool) -> tuple[list[_Row], list[list[int]]]:
     """Rows to run and the number of scored tokens of every (example, candidate)."""
     rows: list[_Row] = []
     counts: list[list[int]] = []
@@ -129,7 +129,7 @@ def score_continuations(
     for cands in continuations:
         full_ids.append(flat[cursor:cursor + len(cands)])
         cursor += len(cands)
-    rows, counts = _plan_rows(prompt_ids, full_ids, share_prefix)
+    rows, counts = plan_rows(prompt_ids, full_ids, share_prefix)
     totals = [[0.0] * len(cands) for cands in continuations]
 
     pending = [0] * len(prompts)

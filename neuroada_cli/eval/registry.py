@@ -1,8 +1,8 @@
 """Task name -> task object, and suite -> its tasks.
 
 Suites are provided by modules that expose ``TASKS`` (a list of objects following
-``base.EvalTask``). To add a suite (GLUE), write ``eval/glue.py`` with ``TASKS = [...]`` and add its
-module name to ``SUITE_MODULES``; or call ``register(task)`` at run time. Names are matched
+``base.EvalTask``): eval/commonsense.py, eval/arithmetic.py and glue/eval_tasks.py. To add a suite, write
+such a module and add its name to ``SUITE_MODULES``; or call ``register(task)`` at run time. Names are matched
 case-insensitively against each task's ``name`` and ``aliases`` (plus its data ``directory``, if any).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .base import EvalTask
 SUITE_MODULES = (
     "neuroada_cli.eval.commonsense",
     "neuroada_cli.eval.arithmetic",
-    "neuroada_cli.eval.glue",
+    "neuroada_cli.glue.eval_tasks",
 )
 
 _TASKS: dict[str, EvalTask] = {}      # canonical name -> task, in registration order

@@ -2,8 +2,8 @@
 
 ``evaluate(model, tokenizer, tasks, ...)`` runs already-loaded models (the train loop can call it);
 ``run_eval_from_config(cfg, ...)`` is what ``neuroada eval`` calls: it loads the base model, applies an
-adapter, merges it (fp32) when ``eval.merge`` is true, and evaluates ``eval.tasks`` or the suite of
-``task.eval_suite``.
+adapter and merges it (fp32) when ``eval.merge`` is true (``methods.load_trained``), and evaluates
+``eval.tasks`` or the suite of ``task.eval_suite``.
 
 Resumability: each task's predictions file and its entry in results.json are written atomically
 (temp file + rename) as soon as the task finishes. On a re-run, a task is skipped when its entry
@@ -17,14 +17,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from ..atomic import check_writable_dir, finite_or_none, write_atomic, write_json
 from ..errors import UserError
-from ..run_dir import write_atomic
+from ..methods import config_value, load_trained
 from .base import EvalOptions, EvalTask, TaskData
 from .registry import get_task, resolve_tasks
 
 RESULTS_FORMAT = 1
+BACKENDS = ("native", "lm_eval")  # eval.backend: our suites, or lm-evaluation-harness tasks
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -156,7 +158,8 @@ def evaluate(
             records = task.predict(model, tokenizer, data.examples, options, advance)
             seconds = time.perf_counter() - started
             metrics = task.score(records)
-            write_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_atomic(predictions_path, "".join(json.dumps(finite_or_none(r), ensure_ascii=False, allow_nan=False)
+                                                   + "\n" for r in records))
             results["tasks"][task.name] = {
                 "suite": task.suite,
                 "n": len(records),
@@ -177,11 +180,11 @@ def evaluate(
             }
             results["suites"] = suite_averages(results["tasks"])
             results["timestamp"] = _now()
-            write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            write_json(output_dir / "results.json", results)
             ran.append(task.name)
     results["suites"] = suite_averages(results["tasks"])
     results["timestamp"] = _now()
-    write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_json(output_dir / "results.json", results)
     console.print(results_table(results, ran))
     console.print(f"results: {output_dir / 'results.json'}")
     return results
@@ -213,74 +216,12 @@ def results_table(results: dict, names: Sequence[str]):
 
 
 # ------------------------------------------------------------------------------ config-level entry
-def _value(cfg, dotted: str, default=None):
-    """``cfg.a.b`` for a DictConfig or a plain dict, ``default`` when any part is missing."""
-    node = cfg
-    for part in dotted.split("."):
-        if node is None or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def default_output_dir(explicit: str | None, run_dir: str | os.PathLike | None) -> Path:
     if explicit:
         return Path(explicit).expanduser()
     if run_dir is not None:
         return Path(run_dir) / "eval"
     return Path("outputs") / "eval" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _fingerprint(folder: str | os.PathLike | None) -> str | None:
-    """Size and mtime of the adapter's files: a retrained adapter at the same path is not "the same"."""
-    if folder is None or not Path(folder).is_dir():
-        return None
-    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(folder).iterdir() if p.is_file())
-    return ";".join(f"{name}:{size}:{mtime}" for name, size, mtime in stats)
-
-
-def prepare_model(cfg, *, adapter: str | os.PathLike | None, model=None, tokenizer=None):
-    """(model, tokenizer, info): the base model with the run's adapter applied and merged if asked."""
-    from .. import neuroada_layers, unload
-
-    method = _value(cfg, "method", "neuroada")
-    name_or_path = _value(cfg, "model.name_or_path")
-    if model is None:
-        from ..models import load_model_and_tokenizer
-
-        source = str(adapter) if method == "full" and adapter is not None else name_or_path
-        model, tokenizer = load_model_and_tokenizer(
-            source, kind=_value(cfg, "task.kind", "causal_lm"), dtype=_value(cfg, "model.dtype", "float32"),
-            gguf_file=None if source != name_or_path else _value(cfg, "model.gguf_file"),
-            family=_value(cfg, "model.family", "auto"), num_labels=_value(cfg, "task.num_labels"),
-            problem_type=_value(cfg, "task.problem_type"),
-        )
-    if tokenizer is None:
-        raise ValueError("prepare_model: pass tokenizer together with model")
-    if adapter is not None and method != "full":
-        adapter_path = Path(adapter)
-        if not adapter_path.is_dir():
-            raise UserError(f"adapter {str(adapter)!r} not found; pass the adapter/ folder of a training run")
-        if method == "lora":
-            from ..methods import import_peft
-
-            model = import_peft().PeftModel.from_pretrained(model, str(adapter_path))
-        else:
-            from .. import load_adapter
-
-            model = load_adapter(model, adapter_path)
-    merge = bool(_value(cfg, "eval.merge", True))
-    merged = False
-    if merge and neuroada_layers(model):
-        model = unload(model)  # deltas added to the base weights in fp32, plain transformers model
-        merged = True
-    elif merge and hasattr(model, "merge_and_unload"):  # PEFT LoRA baseline
-        model = model.merge_and_unload()
-        merged = True
-    info = {"name_or_path": name_or_path, "dtype": _value(cfg, "model.dtype"), "method": method,
-            "adapter": str(adapter) if adapter is not None else None, "adapter_files": _fingerprint(adapter),
-            "merged": merged, "recipe": _value(cfg, "recipe")}
-    return model, tokenizer, info
 
 
 def check_eval_inputs(cfg) -> tuple[list[EvalTask], Path]:
@@ -291,10 +232,10 @@ def check_eval_inputs(cfg) -> tuple[list[EvalTask], Path]:
     from .. import paths
 
     e = cfg["eval"]
-    data_dir = paths.data_dir(_value(cfg, "data.dir"))
-    tasks = resolve_tasks(_value(cfg, "eval.tasks"), _value(cfg, "task.eval_suite"))
+    data_dir = paths.data_dir(config_value(cfg, "data.dir"))
+    tasks = resolve_tasks(config_value(cfg, "eval.tasks"), config_value(cfg, "task.eval_suite"))
     # Optional task hook: bind run values a task's data depends on (GLUE: the seeded split, max length).
-    run_values = {"seed": _value(cfg, "trainer.seed"), "max_length": _value(cfg, "data.max_length")}
+    run_values = {"seed": config_value(cfg, "trainer.seed"), "max_length": config_value(cfg, "data.max_length")}
     tasks = [task.configure(**run_values) if callable(getattr(task, "configure", None)) else task for task in tasks]
     options = EvalOptions(batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
                           commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"]).validate()
@@ -323,12 +264,19 @@ def run_eval_from_config(
     training) instead of loading ``cfg.model``; it is merged in place when ``eval.merge`` is true.
     """
     e = cfg["eval"]
-    adapter = adapter if adapter is not None else _value(cfg, "eval.adapter")
-    run_dir = run_dir if run_dir is not None else _value(cfg, "eval.run_dir")
-    tasks, data_dir = check_eval_inputs(cfg)
-    model, tokenizer, info = prepare_model(cfg, adapter=adapter, model=model, tokenizer=tokenizer)
+    adapter = adapter if adapter is not None else config_value(cfg, "eval.adapter")
+    run_dir = run_dir if run_dir is not None else config_value(cfg, "eval.run_dir")
+    lm_eval = config_value(cfg, "eval.backend", "native") == "lm_eval"
+    if not lm_eval:
+        tasks, data_dir = check_eval_inputs(cfg)
+    merge = bool(config_value(cfg, "eval.merge", True))
+    output_key = "eval.output_dir" if e["output_dir"] else "the eval output folder"
+    check_writable_dir(default_output_dir(e["output_dir"], run_dir), output_key)  # before the model loads
+    model, tokenizer, info = load_trained(cfg, adapter, merge=merge, model=model, tokenizer=tokenizer)
     if run_dir is not None:
         info["run_dir"] = str(run_dir)
+    if lm_eval:
+        return _run_lm_eval(cfg, model, tokenizer, info, default_output_dir(e["output_dir"], run_dir), console)
     return evaluate(
         model, tokenizer, tasks, data_dir=data_dir, output_dir=default_output_dir(e["output_dir"], run_dir),
         limit=e["limit"], batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
@@ -337,8 +285,34 @@ def run_eval_from_config(
     )
 
 
-def summary(results: dict) -> dict[str, Any]:
-    """{task: value, '<suite>_average': value} — compact numbers for logs and run.json."""
-    out: dict[str, Any] = {name: entry["value"] for name, entry in results.get("tasks", {}).items()}
-    out.update({f"{suite}_average": info["average"] for suite, info in results.get("suites", {}).items()})
-    return out
+
+def _run_lm_eval(cfg, model, tokenizer, info: dict, output_dir: Path, console=None) -> dict:
+    """eval.backend=lm_eval: the (merged) in-memory model through lm-evaluation-harness; its scores land in the
+    same results.json as our suites' (suite "lm_eval", primary metric: acc_norm, else acc, else the first)."""
+    from rich.console import Console
+
+    from .lm_eval_backend import evaluate_lm_eval
+
+    e = cfg["eval"]
+    scores = evaluate_lm_eval(
+        model, tokenizer, list(e["tasks"]), include_path=e["lm_eval_include_path"], limit=e["limit"],
+        num_fewshot=e["num_fewshot"], batch_size=e["batch_size"], seed=config_value(cfg, "trainer.seed", 0),
+        include_defaults=not e["lm_eval_only_included"])
+    results = read_results(output_dir)
+    results.update({"format": RESULTS_FORMAT, "model": info, "backend": "lm_eval"})
+    for task, metrics in scores.items():
+        metric = next((m for m in ("acc_norm", "acc", "exact_match") if m in metrics),
+                      next(m for m in metrics if m != "n"))
+        results["tasks"][task] = {
+            "suite": "lm_eval", "n": metrics.get("n"), "metric": metric, "value": metrics[metric],
+            "metrics": metrics, "rule": "lm-eval", "scoring": "lm-eval", "limit": e["limit"],
+            "settings": {"backend": "lm_eval", "num_fewshot": e["num_fewshot"], "limit": e["limit"]},
+            "done": True, "finished_at": _now(),
+        }
+    results["suites"] = suite_averages(results["tasks"])
+    results["timestamp"] = _now()
+    write_json(output_dir / "results.json", results)
+    console = console or Console()
+    console.print(results_table(results, list(scores)))
+    console.print(f"results: {output_dir / 'results.json'}")
+    return results

@@ -1,165 +1,248 @@
-"""Compact adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` (never pickle).
+"""Adapter files in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (never pickle).
 
-Per target layer the file holds the delta values ([d_out, k] fp32) and their column indices in the
-smallest integer type that fits d_in (int16 up to 32767 inputs, else int32), plus trained biases and
-fully trained modules (``modules_to_save``). The config records a fingerprint of the base weights the
-cells were selected on, checked on load so that an adapter is never applied to another base model.
+One format for ``save_adapter`` and ``PeftModel.save_pretrained`` (see peft_tuner.py for the keys): the
+config is a ``NeuroAdaPeftConfig`` (``"peft_type": "NEUROADA"``), so ``PeftModel.from_pretrained`` reads
+what ``save_adapter`` writes and ``load_adapter`` reads what PEFT writes. Per target layer the file holds
+the delta values ([d_out, k] fp32), their column indices in the smallest integer type that fits d_in
+(int16 up to 32767 inputs, else int32) and a fingerprint of the base values at those cells, checked on
+load so that an adapter is never applied to another base model; plus trained biases and fully trained
+modules (``modules_to_save``).
+
+Adapters of the first release (``"format": "neuroada-adapter"``, keys ``<layer>.delta`` / ``.indices``)
+still load: ``read_adapter`` turns both into one in-memory form.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..errors import UserError
 from .config import NeuroAdaConfig
-from .model import _saved_module_names, inject, neuroada_layers
+from .model import saved_module_names, inject, neuroada_layers
+from .peft_tuner import (
+    PEFT_KEY_PREFIX,
+    PEFT_TYPE_NAME,
+    NeuroAdaPeftConfig,
+    base_digest,
+    fingerprint,
+    fingerprint_matches,
+    index_dtype,
+    wrong_base_error,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "neuroada-adapter"
-FORMAT_VERSION = 1
-FINGERPRINT_RTOL = 5e-3  # tolerates a base reloaded in another dtype (bf16 rounding), not another model
+LEGACY_FORMAT = "neuroada-adapter"  # the first release's own layout (format_version 1)
+LEGACY_FORMAT_VERSION = 1
 
 
-def _index_dtype(d_in: int) -> torch.dtype:
-    return torch.int16 if d_in <= torch.iinfo(torch.int16).max else torch.int32
+@dataclass
+class AdapterContents:
+    """An adapter file read into memory, whichever layout it was written in."""
+
+    config: NeuroAdaConfig
+    base_model: str | None
+    indices: dict[str, torch.Tensor]  # layer name -> [d_out, k] int64 columns
+    deltas: dict[str, torch.Tensor]
+    fingerprints: dict[str, torch.Tensor]  # layer name -> [3] float64
+    shapes: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # known only for legacy files
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved_modules: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> value
 
 
-def layer_fingerprint(orig: torch.Tensor) -> list[float]:
-    """Sum, |sum| and sum of squares of the original selected values, in float64."""
-    values = orig.detach().double().cpu()
-    return [values.sum().item(), values.abs().sum().item(), values.square().sum().item()]
-
-
-def _fingerprint_digest(layers: dict) -> str:
-    """A short id of the base (bf16-rounded selected values), shown in messages and run records."""
-    digest = hashlib.sha256()
-    for name in sorted(layers):
-        digest.update(name.encode())
-        digest.update(layers[name].neuroada_orig.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and JSON metadata save_adapter writes (also used for in-memory checkpoints)."""
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], NeuroAdaPeftConfig]:
+    """The tensors and the PEFT config save_adapter writes ."""
     layers = neuroada_layers(model)
     config: NeuroAdaConfig | None = getattr(model, "neuroada_config", None)
     if not layers or config is None:
         raise UserError("this model has no NeuroAda layers; call inject(model, config) or load_adapter first")
     tensors: dict[str, torch.Tensor] = {}
-    meta_layers = {}
     for name, layer in layers.items():
-        d_out, d_in = layer.base_layer.weight.shape
-        tensors[f"{name}.delta"] = layer.neuroada_delta.detach().float().cpu().contiguous()
-        tensors[f"{name}.indices"] = layer.neuroada_idx.to(_index_dtype(d_in)).cpu().contiguous()
+        key = PEFT_KEY_PREFIX + name
+        tensors[f"{key}.neuroada_delta"] = layer.neuroada_delta.detach().float().cpu().contiguous()
+        tensors[f"{key}.neuroada_indices"] = layer.neuroada_idx.to(index_dtype(layer.in_features)).cpu().contiguous()
+        tensors[f"{key}.neuroada_fingerprint"] = fingerprint(layer.neuroada_orig)
         if config.train_bias and layer.base_layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
-        meta_layers[name] = {"shape": [d_out, d_in], "k": layer.k, "fingerprint": layer_fingerprint(layer.neuroada_orig)}
-    for saved in _saved_module_names(model, config.modules_to_save):
+            tensors[f"{key}.base_layer.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
+    for saved in saved_module_names(model, config.modules_to_save):
         for pname, param in model.get_submodule(saved).named_parameters():
-            tensors[f"modules_to_save.{saved}.{pname}"] = param.detach().cpu().contiguous()
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
-        "base_model": base_name,
-        "base_fingerprint": _fingerprint_digest(layers),
-        "layers": meta_layers,
-    }
-    return tensors, meta
+            tensors[f"{PEFT_KEY_PREFIX}{saved}.{pname}"] = param.detach().cpu().contiguous()
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    peft_config = NeuroAdaPeftConfig.from_neuroada(
+        config, base_model_name_or_path=base_name, inference_mode=True,
+        base_fingerprint=base_digest({name: layer.neuroada_orig for name, layer in layers.items()}),
+    )
+    return tensors, peft_config
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter directory atomically: a crash leaves the previous adapter (or nothing), never half."""
-    tensors, meta = adapter_state(model)
+    tensors, peft_config = adapter_state(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(path) as staging:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        peft_config.save_pretrained(str(staging))
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike) -> AdapterContents:
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise UserError(f"{str(path)!r} is not a NeuroAda adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{str(config_file)!r} is not a NeuroAda adapter config (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"adapter {str(path)!r} has format version {meta['format_version']}; upgrade neuroada")
-    return meta, load_file(str(weights_file))
+    meta, tensors = _read_files(config_file, weights_file)
+    try:
+        if meta.get("format") == LEGACY_FORMAT:
+            if meta.get("format_version", 0) > LEGACY_FORMAT_VERSION:
+                raise UserError(f"adapter {str(path)!r} has format version {meta['format_version']}; upgrade neuroada")
+            contents = _from_legacy(meta, tensors)
+        elif meta.get("peft_type") != PEFT_TYPE_NAME:
+            kind = meta.get("peft_type") or meta.get("format")
+            raise UserError(f"{str(config_file)!r} is not a NeuroAda adapter config (type {kind!r}); "
+                            "load it with the method that wrote it")
+        else:
+            contents = _from_peft(meta, tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{str(config_file)!r} is damaged (bad or missing entry {_short(err)}); restore the "
+                        "adapter from its run or retrain it") from None
+    _check_contents(contents, path)
+    return contents
 
 
-def _check_fingerprint(model: nn.Module, meta: dict, where: str) -> None:
-    for name, layer in neuroada_layers(model).items():
-        expected = meta["layers"][name]["fingerprint"]
-        got = layer_fingerprint(layer.neuroada_orig)
-        scale = max(expected[1], 1e-12)
-        same = (
-            abs(got[0] - expected[0]) <= FINGERPRINT_RTOL * scale
-            and abs(got[1] - expected[1]) <= FINGERPRINT_RTOL * scale
-            and abs(got[2] - expected[2]) <= FINGERPRINT_RTOL * max(expected[2], 1e-12)
-        )
-        if not same:
-            raise UserError(
-                f"adapter {where!r} was made for another base model (weights of layer {name!r} differ; "
-                f"adapter base: {meta.get('base_model')!r}); load it onto the model it was trained on"
-            )
+def _short(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:120] + ("..." if len(text) > 120 else "")
+
+
+def _read_files(config_file: Path, weights_file: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json and the tensors; a truncated or garbled file is an error naming it."""
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{str(config_file)!r} is damaged (not valid JSON: {_short(err)}); restore the adapter "
+                        "from its run or retrain it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{str(config_file)!r} is damaged (not a JSON object); restore the adapter or retrain it")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as err:  # safetensors raises its own error type for a truncated or garbled header
+        raise UserError(f"{str(weights_file)!r} is damaged (truncated or not a safetensors file: {_short(err)}); "
+                        "restore the adapter from its run or retrain it") from None
+    return meta, tensors
+
+
+def _check_contents(contents: AdapterContents, path: Path) -> None:
+    """The config against the tensors: the same layers in every part, [d_out, k] shapes with the config's k,
+    indices >= 0 (the upper bound is checked against the model), a fingerprint per layer."""
+    where = str(path / WEIGHTS_NAME)
+    k = contents.config.k
+    parts = {"indices": contents.indices, "deltas": contents.deltas, "fingerprints": contents.fingerprints}
+    layers = set(contents.indices)
+    if not layers:
+        raise UserError(f"{where!r} holds no NeuroAda layers; it is not the adapter its config describes")
+    for part, values in parts.items():
+        if set(values) != layers:
+            odd = sorted(set(values) ^ layers)[0]
+            raise UserError(f"{where!r} is inconsistent: layer {odd!r} is missing from the {part} or only there; "
+                            "restore the adapter from its run or retrain it")
+    for name in sorted(layers):
+        idx, delta = contents.indices[name], contents.deltas[name]
+        if idx.ndim != 2 or idx.shape != delta.shape or idx.shape[1] != k:
+            raise UserError(f"adapter {str(path)!r} does not match its config: layer {name!r} has indices "
+                            f"{tuple(idx.shape)} and deltas {tuple(delta.shape)}, but k={k} needs [d_out, {k}]; "
+                            f"restore {CONFIG_NAME} or retrain")
+        if idx.numel() and int(idx.min()) < 0:
+            raise UserError(f"{where!r} is damaged: layer {name!r} has negative input indices; retrain the adapter")
+
+
+def _from_peft(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterContents:
+    config = NeuroAdaPeftConfig(**{k: v for k, v in meta.items() if k in NeuroAdaPeftConfig.__dataclass_fields__
+                                   and k not in ("peft_type", "auto_mapping")}).to_neuroada()
+    contents = AdapterContents(config=config, base_model=meta.get("base_model_name_or_path"),
+                               indices={}, deltas={}, fingerprints={})
+    suffixes = (".neuroada_delta", ".neuroada_indices", ".neuroada_fingerprint")
+    for key, value in tensors.items():
+        name = key.removeprefix(PEFT_KEY_PREFIX)
+        if name.endswith(".neuroada_indices"):
+            contents.indices[name.removesuffix(".neuroada_indices")] = value.long()
+        elif name.endswith(".neuroada_delta"):
+            contents.deltas[name.removesuffix(".neuroada_delta")] = value
+        elif name.endswith(".neuroada_fingerprint"):
+            contents.fingerprints[name.removesuffix(".neuroada_fingerprint")] = value
+        elif name.endswith(".base_layer.bias"):
+            contents.biases[name.removesuffix(".base_layer.bias")] = value
+        elif not name.endswith(suffixes):
+            contents.saved_modules[name] = value
+    return contents
+
+
+def _from_legacy(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterContents:
+    layers = meta["layers"]
+    return AdapterContents(
+        config=NeuroAdaConfig.from_dict(meta["config"]),
+        base_model=meta.get("base_model"),
+        indices={name: tensors[f"{name}.indices"].long() for name in layers},
+        deltas={name: tensors[f"{name}.delta"] for name in layers},
+        fingerprints={name: torch.tensor(info["fingerprint"], dtype=torch.float64) for name, info in layers.items()},
+        shapes={name: tuple(info["shape"]) for name, info in layers.items()},
+        biases={name: tensors[f"{name}.bias"] for name in layers if f"{name}.bias" in tensors},
+        saved_modules={key.removeprefix("modules_to_save."): value for key, value in tensors.items()
+                       if key.startswith("modules_to_save.")},
+    )
+
+
+def _check_shapes(model: nn.Module, contents: AdapterContents, where: str) -> None:
+    modules = dict(model.named_modules())
+    for name, idx in contents.indices.items():
+        module = modules.get(name)
+        expected = contents.shapes.get(name) or (idx.shape[0], None)
+        fits = isinstance(module, nn.Linear) and module.out_features == expected[0] and (
+            expected[1] is None or module.in_features == expected[1]) and int(idx.max()) < module.in_features
+        if not fits:
+            base = f" (trained on {contents.base_model})" if contents.base_model else ""
+            if not isinstance(module, nn.Linear):
+                raise UserError(f"adapter {where!r}{base} adapts layer {name!r}, which this model does not have "
+                                "(another architecture); load it onto the model it was trained on")
+            found = (module.out_features, module.in_features)
+            if module.out_features == expected[0] and int(idx.max()) >= module.in_features:
+                raise UserError(f"adapter {where!r}{base} selects input {int(idx.max())} of layer {name!r}, which has "
+                                f"{module.in_features} inputs; the adapter is damaged or belongs to another model")
+            wanted = tuple(expected) if expected[1] is not None else f"({expected[0]}, >{int(idx.max())})"
+            raise UserError(f"adapter {where!r}{base} expects layer {name!r} of shape {wanted}, this model has "
+                            f"{found}; load it onto the model it was trained on")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, impl: str | None = None) -> nn.Module:
     """Apply a saved adapter: inject with its saved cells if needed, check the base, copy the values."""
-    meta, tensors = read_adapter(path)
-    config = NeuroAdaConfig.from_dict({**meta["config"], **({"impl": impl} if impl else {})})
-    saved_indices = {name: tensors[f"{name}.indices"].long() for name in meta["layers"]}
+    # Guard (engineer D, issue 10 (e)): one adapter per model. Loading over an existing adapter would
+    # silently replace its values or mix two selections; the caller must start from a fresh base.
+    if neuroada_layers(model) or hasattr(model, "peft_config"):
+        raise UserError(f"this model already has an adapter; load {str(path)!r} onto a fresh base model "
+                        "(or call unload(model) first)")
+    contents = read_adapter(path)
+    where = str(path)
+    config = contents.config if not impl else NeuroAdaConfig.from_dict({**contents.config.to_dict(), "impl": impl})
+    _check_shapes(model, contents, where)
+    inject(model, config, indices=contents.indices)
     layers = neuroada_layers(model)
-    if not layers:
-        modules = dict(model.named_modules())
-        for name, info in meta["layers"].items():
-            module = modules.get(name)
-            if not isinstance(module, nn.Linear) or list(module.weight.shape) != info["shape"]:
-                found = None if module is None else tuple(getattr(module, "weight", torch.empty(0)).shape)
-                raise UserError(
-                    f"adapter {str(path)!r} expects layer {name!r} of shape {tuple(info['shape'])}, this model has "
-                    f"{found}; load it onto the model it was trained on"
-                )
-        inject(model, config, indices=saved_indices)
-        layers = neuroada_layers(model)
-    elif set(layers) != set(meta["layers"]) or any(
-        not torch.equal(layers[n].neuroada_idx.cpu(), saved_indices[n]) for n in layers
-    ):
-        raise UserError(f"adapter {str(path)!r} selects other cells than the adapter already on this model")
-    _check_fingerprint(model, meta, str(path))
+    for name, layer in layers.items():
+        expected = contents.fingerprints.get(name)
+        if expected is not None and not fingerprint_matches(expected, fingerprint(layer.neuroada_orig)):
+            raise wrong_base_error(where, name)
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.neuroada_delta.copy_(tensors[f"{name}.delta"])
-            if f"{name}.bias" in tensors:
-                layer.base_layer.bias.copy_(tensors[f"{name}.bias"])
-        prefix = "modules_to_save."
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                target = model.get_parameter(key[len(prefix):])
-                target.copy_(value)
+            layer.neuroada_delta.copy_(contents.deltas[name])
+            if name in contents.biases:
+                layer.base_layer.bias.copy_(contents.biases[name])
+        for param_name, value in contents.saved_modules.items():
+            model.get_parameter(param_name).copy_(value)
     return model

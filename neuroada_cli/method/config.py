@@ -7,6 +7,7 @@ from ..errors import UserError
 
 SELECTIONS = ("magnitude", "reverse", "random", "gradient")
 IMPLS = ("fused", "reference")
+SCOPES = ("neuron", "layer", "global")
 
 
 @dataclass
@@ -24,6 +25,12 @@ class NeuroAdaConfig:
     seed: seed for random selection.
     impl: fused (base weight kept merged in place, sparse backward) or reference (materialise
         W + scatter(delta) every forward, the authors' approach; for tests and benchmarks).
+    scope: where the budget of d_out x k cells per layer goes. neuron: k per output row (the method);
+        layer: the layer's d_out x k best-scoring cells anywhere in it; global: the sum over target
+        layers of d_out x k best-scoring cells anywhere in any target layer, compared by raw score
+        (|W| un-normalised, as the authors' ablation). Ablation only; magnitude, reverse or random.
+    neuron_fraction: only this seeded fraction of each layer's rows (round(f x d_out)) gets its k
+        cells; the budget shrinks to round(f x d_out) x k per layer. scope=neuron only.
     """
 
     k: int = 20
@@ -35,6 +42,8 @@ class NeuroAdaConfig:
     modules_to_save: list[str] = field(default_factory=list)
     seed: int = 0
     impl: str = "fused"
+    scope: str = "neuron"
+    neuron_fraction: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -47,8 +56,28 @@ class NeuroAdaConfig:
             raise UserError(f"neuroada selection={self.selection!r} is unknown; use one of {', '.join(SELECTIONS)}")
         if self.impl not in IMPLS:
             raise UserError(f"neuroada impl={self.impl!r} is unknown; use one of {', '.join(IMPLS)}")
+        self._check_placement()
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise UserError("neuroada target_modules is empty; name at least one nn.Linear, e.g. [q_proj, v_proj]")
+
+    def _check_placement(self) -> None:
+        if self.scope not in SCOPES:
+            raise UserError(f"neuroada scope={self.scope!r} is unknown; use one of {', '.join(SCOPES)}")
+        fraction = self.neuron_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise UserError(f"neuroada neuron_fraction={fraction!r} is invalid; use a number in (0, 1], e.g. 0.5")
+        self.neuron_fraction = float(fraction)
+        if self.scope != "neuron" and self.selection == "gradient":
+            raise UserError(f"neuroada scope={self.scope} needs selection magnitude, reverse or random "
+                            "(gradient selection is per neuron only); set neuroada.scope=neuron")
+        if self.scope != "neuron" and self.neuron_fraction < 1:
+            raise UserError(f"neuroada neuron_fraction={self.neuron_fraction} applies to scope=neuron only; "
+                            f"set neuroada.neuron_fraction=1 or neuroada.scope=neuron")
+
+    @property
+    def per_row(self) -> bool:
+        """True for the method itself: exactly k cells on every row (the fixed [d_out, k] layout)."""
+        return self.scope == "neuron" and self.neuron_fraction >= 1
 
     def to_dict(self) -> dict:
         return asdict(self)

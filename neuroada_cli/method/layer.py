@@ -9,13 +9,34 @@ fused (default)
     no W-sized tensor and forms no dense dW: the delta gradient is a sampled product over the selected
     cells only, ``g[r, j] = sum_t dY[t, r] * X[t, idx[r, j]]``, a sampled dense-dense product (SDDMM)
     with bounded scratch, never O(d_out x d_in). Of the input X only what that product needs is kept
-    (see _FusedLinear). The original values of the selected cells are kept aside (d_out x k), so
+    (see FusedLinearFunction). The original values of the selected cells are kept aside (d_out x k), so
     ``unmerge`` restores W bitwise.
 reference
     Materialise ``W + scatter(delta)`` every forward and let autograd form the dense gradient: the
     authors' approach, kept for tests and benchmarks.
 
 Deltas are fp32 whatever W's dtype, so many small updates accumulate instead of rounding away.
+
+Cell layouts: the method's fixed [d_out, k] (k cells per row, the fast path above) or, for the placement
+ablations (scope=layer|global, neuron_fraction < 1), a general CSR layout: ``(row_counts, cols)`` with a
+1-D delta [n]. No padding: a padded [d_out, k_max] layout would cost 9.3x the budget on SmolLM2-135M at
+k=20 with scope=global (magnitude piles up to 824 cells on one row), so the general layout stores the real
+cells only and its backward is ``sampled_cell_grad`` (sampled_addmm on the CSR pattern, gather fallback).
+
+What ``state_dict()`` holds, per layer: ``<name>.neuroada_delta`` (fp32 [d_out, k]) and the wrapped layer's
+``<name>.base_layer.weight`` / ``.bias``; the selected columns and the original cell values are
+non-persistent buffers, not in it. ``base_layer.weight`` is the weight the forward uses: under fused the
+selected cells hold ``orig + delta`` (written when the state dict is taken, so also right after an
+optimizer step), under reference the pristine W, after ``merge`` the merged W. A state dict therefore
+moves between models with the same base, selection and impl (deepcopy, resuming); adapters travel with
+``save_adapter`` / ``load_adapter``, a plain merged model comes from ``unload``.
+
+Sharded (FSDP2, ``neuroada_cli/strategy.py``): ``cells_as_parameters()`` turns the selected columns and the
+original cells into frozen parameters, so that FSDP2 splits them along rows together with W and the delta
+(dim 0) and all-gathers the columns with W for the backward. The unsharded W seen in forward is a temporary
+copy, so a sharded layer never writes it: ``sync_cells()`` writes orig + delta into the LOCAL rows of the
+sharded W before FSDP2 gathers it (the strategy calls it from a hook that runs before the root's forward).
+Every cell write here goes through ``local_tensor``: on a sharded parameter it touches this process's rows only.
 """
 from __future__ import annotations
 
@@ -24,6 +45,30 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+try:  # torch.distributed may be absent from a build; then nothing is ever sharded
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
+# A delta's version counter misses some in-place updates: torch's fused AdamW (transformers' Trainer default on
+# torch >= 2.8) writes parameters without bumping ``_version``. Every optimizer step also bumps this counter, and
+# a fused layer rewrites its cells when either changed (one integer compare per forward).
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process (any torch optimizer), for the fused layers' "delta changed" check."""
+    return _OPTIMIZER_STEPS[0]
+
 
 SCRATCH_ELEMENTS = 1 << 22  # ~16 MB of fp32 scratch per chunk of the gather fallback
 COLUMN_SCRATCH_ELEMENTS = 1 << 20  # ~4 MB per token block of the column path: stays in cache, no page faults
@@ -44,14 +89,14 @@ def sampled_delta_grad(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.
     dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     grad_out, inputs = grad_out.to(dtype), inputs.to(dtype)
     if idx.shape[1] <= COLUMN_PATH_MAX_K:
-        return _sddmm_columns(grad_out, inputs, idx)
+        return sddmm_columns(grad_out, inputs, idx)
     try:
-        return _sddmm_sparse(grad_out, inputs, idx)
+        return sddmm_sparse(grad_out, inputs, idx)
     except (RuntimeError, NotImplementedError):  # backend without sampled_addmm for this device/dtype
-        return _sddmm_gather(grad_out, inputs, idx)
+        return sddmm_gather(grad_out, inputs, idx)
 
 
-def _sddmm_columns(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def sddmm_columns(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """For each slot j: gather column idx[r, j] for every row r, multiply by dY, sum over a token block."""
     d_out, k = idx.shape
     result = torch.zeros(k, d_out, dtype=grad_out.dtype, device=grad_out.device)
@@ -65,7 +110,7 @@ def _sddmm_columns(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tens
     return result.t().contiguous()
 
 
-def _sddmm_sparse(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def sddmm_sparse(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     d_out, k = idx.shape
     crow = torch.arange(0, d_out * k + 1, k, device=idx.device)
     with warnings.catch_warnings():
@@ -81,7 +126,7 @@ def _sddmm_sparse(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tenso
     return product.values().view(d_out, k)
 
 
-def _sddmm_gather(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def sddmm_gather(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Portable fallback: gather selected input columns as rows of inputs^T, chunked over output rows."""
     d_out, k = idx.shape
     tokens = inputs.shape[0]
@@ -94,6 +139,36 @@ def _sddmm_gather(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tenso
         gathered = inputs_t.index_select(0, idx[start:stop].reshape(-1)).view(stop - start, k, tokens)
         result[start:stop] = torch.bmm(gathered, grad_t[start:stop].unsqueeze(-1)).squeeze(-1)
     return result
+
+
+def sampled_cell_grad(grad_out: torch.Tensor, inputs: torch.Tensor, crow: torch.Tensor, rows: torch.Tensor,
+                      cols: torch.Tensor) -> torch.Tensor:
+    """The general layout's SDDMM: g[c] = sum_t grad_out[t, rows[c]] * inputs[t, cols[c]] for cells in CSR order.
+
+    Rows hold any number of cells (crow: CSR row pointers, rows: each cell's row), so torch's sampled_addmm
+    takes the pattern as is; the fallback gathers both operands' columns per chunk of cells.
+    """
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    if cols.numel() == 0:  # scope=global may leave a layer without cells
+        return torch.zeros(0, dtype=dtype, device=cols.device)
+    grad_out, inputs = grad_out.to(dtype), inputs.to(dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=dtype, device=cols.device),
+                                              (grad_out.shape[1], inputs.shape[1]), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, grad_out.t(), inputs.t().contiguous().t(), beta=0.0).values()
+    except (RuntimeError, NotImplementedError):  # backend without sampled_addmm for this device/dtype
+        inputs_t, grad_t = inputs.t().contiguous(), grad_out.t().contiguous()
+        step = max(1, SCRATCH_ELEMENTS // max(1, inputs.shape[0]))
+        parts = [(grad_t.index_select(0, rows[s:s + step]) * inputs_t.index_select(0, cols[s:s + step])).sum(1)
+                 for s in range(0, cols.numel(), step)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=cols.device)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a sharded (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -124,7 +199,7 @@ def product_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     return a, b
 
 
-class _FusedLinear(torch.autograd.Function):
+class FusedLinearFunction(torch.autograd.Function):
     """Forward with the (already merged) weight; backward gives dX, db and the sparse d(delta).
 
     The delta gradient needs the layer input at the selected columns. What is kept for it, cheapest first:
@@ -135,7 +210,7 @@ class _FusedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, input_cols, local_idx, factors):
+    def forward(ctx, x, weight, bias, delta, idx, input_cols, local_idx, factors, cell_rows=None):
         kept = ()  # the two factors of x, or x (or its selected columns): what the delta gradient reads
         if delta.requires_grad:
             if factors is not None:
@@ -146,6 +221,7 @@ class _FusedLinear(torch.autograd.Function):
                 kept = (x,)
         grad_idx = idx if input_cols is None else local_idx
         ctx.save_for_backward(weight, grad_idx, input_cols, *kept)
+        ctx.cell_rows = cell_rows  # (crow, rows) of the general layout, or None: the fixed [d_out, k] path
         ctx.has_bias = bias is not None
         ctx.x_dtype = x.dtype
         return F.linear(x, weight, bias)
@@ -167,38 +243,76 @@ class _FusedLinear(torch.autograd.Function):
                     flat = [t.index_select(1, input_cols) for t in flat]
                 flat = [flat[0] * flat[1]]
             # bf16/fp16 autocast: the product was computed from x cast to grad_out's dtype; do the same.
-            grad_delta = sampled_delta_grad(flat_grad, flat[0].to(flat_grad.dtype), grad_idx)
-        return grad_x, None, grad_bias, grad_delta, None, None, None, None
+            if ctx.cell_rows is None:
+                grad_delta = sampled_delta_grad(flat_grad, flat[0].to(flat_grad.dtype), grad_idx)
+            else:
+                grad_delta = sampled_cell_grad(flat_grad, flat[0].to(flat_grad.dtype), *ctx.cell_rows, grad_idx)
+        return grad_x, None, grad_bias, grad_delta, None, None, None, None, None
 
 
 class NeuroAdaLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a delta at ``idx`` ([d_out, k] columns)."""
+    """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a delta at its selected cells.
 
-    def __init__(self, base_layer: nn.Linear, idx: torch.Tensor, impl: str = "fused", train_bias: bool = False,
+    ``idx`` is either the method's fixed layout, [d_out, k] columns (k cells on every row; delta [d_out, k]),
+    or the general layout of the placement ablations (scope=layer|global, neuron_fraction < 1), a pair
+    ``(row_counts [d_out], cols [n])`` in CSR order (sorted by row, then column; rows may hold no cell;
+    delta [n]). The general layout stores exactly the real cells (no padding), so nothing can write an
+    empty slot into W and the trainable count is the cell count. Then ``neuroada_idx`` holds ``cols``,
+    ``neuroada_row_counts`` the counts (None on the fixed layout) and ``k`` is None.
+    """
+
+    def __init__(self, base_layer: nn.Linear, idx, impl: str = "fused", train_bias: bool = False,
                  compact_input: bool = False):
         super().__init__()
         weight = base_layer.weight
         d_out, d_in = weight.shape
-        if idx.dim() != 2 or idx.shape[0] != d_out:
+        row_counts = None
+        if isinstance(idx, (tuple, list)):
+            row_counts, idx = (torch.as_tensor(t).to(device=weight.device, dtype=torch.long) for t in idx)
+            if row_counts.shape != (d_out,) or idx.dim() != 1 or int(row_counts.sum()) != idx.numel():
+                raise ValueError(f"cells with {tuple(row_counts.shape)} row counts and {tuple(idx.shape)} columns "
+                                 f"do not fit a weight of shape {(d_out, d_in)}")
+        elif idx.dim() != 2 or idx.shape[0] != d_out:
             raise ValueError(f"indices of shape {tuple(idx.shape)} do not fit a weight of shape {(d_out, d_in)}")
         self.base_layer = base_layer
         self.impl = impl
-        self.k = idx.shape[1]
+        self.k = idx.shape[1] if row_counts is None else None
         weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(train_bias)
         idx = idx.to(device=weight.device, dtype=torch.long)
         # Buffers, not parameters: they follow .to(device) but are saved only through save_adapter.
         self.register_buffer("neuroada_idx", idx, persistent=False)
-        self.register_buffer("neuroada_orig", weight.detach().gather(1, idx).clone(), persistent=False)
+        self.register_buffer("neuroada_row_counts", row_counts, persistent=False)
+        cell_rows = crow = None
+        if row_counts is not None:  # each cell's row and the CSR row pointers, for W writes and the backward
+            cell_rows = torch.repeat_interleave(torch.arange(d_out, device=weight.device), row_counts)
+            crow = torch.cat([row_counts.new_zeros(1), row_counts.cumsum(0)])
+        self.register_buffer("neuroada_cell_rows", cell_rows, persistent=False)
+        self.register_buffer("neuroada_crow", crow, persistent=False)
+        orig = (weight.detach().gather(1, idx) if row_counts is None
+                else weight.detach().reshape(-1)[self._positions(idx, d_in)])
+        self.register_buffer("neuroada_orig", orig.clone(), persistent=False)
         input_cols = local_idx = None
-        if compact_input:  # backward keeps only the selected input columns (inject decides; see _FusedLinear)
+        if compact_input and idx.numel():  # backward keeps only the selected input columns (see FusedLinearFunction)
             input_cols, local_idx = torch.unique(idx, return_inverse=True)
         self.register_buffer("neuroada_input_cols", input_cols, persistent=False)
         self.register_buffer("neuroada_local_idx", local_idx, persistent=False)
-        self.neuroada_delta = nn.Parameter(torch.zeros(d_out, self.k, dtype=torch.float32, device=weight.device))
+        self.neuroada_delta = nn.Parameter(torch.zeros(idx.shape, dtype=torch.float32, device=weight.device))
         self.merged = False  # True after merge(): delta baked into W, no longer applied or trained
         self._synced_version = None  # delta version last written into W by the fused path
+        self.sharded = False  # set by strategy.shard_model: forward must not write the (temporary) gathered W
+
+    @property
+    def general_layout(self) -> bool:
+        return self.neuroada_row_counts is not None
+
+    def _positions(self, idx: torch.Tensor, d_in: int) -> torch.Tensor:
+        """Flat positions in W.view(-1) of the cells at columns ``idx`` (either layout)."""
+        if self.neuroada_cell_rows is not None:
+            return self.neuroada_cell_rows * d_in + idx
+        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * d_in
+        return (rows + idx).reshape(-1)
 
     @property
     def weight(self) -> torch.Tensor:  # so code that inspects module.weight still works
@@ -216,29 +330,51 @@ class NeuroAdaLinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def cells_as_parameters(self) -> None:
+        """Hold the selected columns and original cells as frozen parameters (rows sharded with W); idempotent.
+
+        Only for sharding: they then appear in state_dict() and parameters() (count_parameters skips them).
+        """
+        if self.general_layout:  # cells are not aligned with W's rows, so FSDP2's row split cannot carry them
+            from ..errors import UserError
+
+            raise UserError("neuroada scope=layer|global or neuron_fraction < 1 cannot be sharded; "
+                            "use trainer.strategy=ddp or scope=neuron with neuron_fraction=1")
+        for name in ("neuroada_idx", "neuroada_orig"):
+            if name in self._buffers:
+                value = self._buffers.pop(name)
+                self._non_persistent_buffers_set.discard(name)  # else state-dict tools still skip the name
+                self.register_parameter(name, nn.Parameter(value, requires_grad=False))
+
     def merged_values(self) -> torch.Tensor:
-        """orig + delta in fp32, rounded once to W's dtype."""
-        return (self.neuroada_orig.float() + self.neuroada_delta.detach()).to(self.base_layer.weight.dtype)
+        """orig + delta in fp32, rounded once to W's dtype (this process's rows when sharded)."""
+        orig, delta = local_tensor(self.neuroada_orig), local_tensor(self.neuroada_delta)
+        return (orig.float() + delta.detach()).to(self.base_layer.weight.dtype)
 
     def flat_indices(self) -> torch.Tensor:
         """Positions of the selected cells in W.view(-1) (computed, not stored: saves 8 bytes a cell)."""
-        d_out, d_in = self.base_layer.weight.shape
-        rows = torch.arange(d_out, device=self.neuroada_idx.device).unsqueeze(1) * d_in
-        return (rows + self.neuroada_idx).reshape(-1)
+        weight, idx = local_tensor(self.base_layer.weight), local_tensor(self.neuroada_idx)
+        return self._positions(idx, weight.shape[1])
 
     @torch.no_grad()
     def _write_cells(self, values: torch.Tensor) -> None:
-        self.base_layer.weight.view(-1).index_copy_(0, self.flat_indices(), values.reshape(-1))
+        local_tensor(self.base_layer.weight).view(-1).index_copy_(0, self.flat_indices(), values.reshape(-1))
 
     def _sync_fused(self) -> None:
         """Write orig + delta into W if the delta changed since the last write (cheap: d_out x k cells)."""
-        version = (self.neuroada_delta._version, self.neuroada_delta.data_ptr())
+        # the parameter's own version (a sharded DTensor's in-place updates bump it, not its local tensor's)
+        version = (self.neuroada_delta._version, local_tensor(self.neuroada_delta).data_ptr(), optimizer_steps())
         if version != self._synced_version:
             self._write_cells(self.merged_values())
             self._synced_version = version
 
-    def _restore_cells(self) -> None:
-        self._write_cells(self.neuroada_orig)
+    def sync_cells(self) -> None:
+        """Sharded fused layer: bring the local rows of W up to date; only while W is sharded (between steps)."""
+        if self.impl == "fused" and not self.merged and isinstance(self.base_layer.weight, DTensor):
+            self._sync_fused()
+
+    def restore_cells(self) -> None:
+        self._write_cells(local_tensor(self.neuroada_orig))
         self._synced_version = None
 
     def set_impl(self, impl: str) -> None:
@@ -246,7 +382,7 @@ class NeuroAdaLinear(nn.Module):
         if impl == self.impl:
             return
         if self.impl == "fused" and not self.merged:
-            self._restore_cells()
+            self.restore_cells()
         self.impl = impl
 
     def merge(self) -> None:
@@ -256,9 +392,21 @@ class NeuroAdaLinear(nn.Module):
             self._synced_version = None
 
     def unmerge(self) -> None:
-        """Restore the original values of the selected cells bitwise; the delta is applied again."""
-        self._restore_cells()
+        """Restore the original values of the selected cells bitwise; the delta is applied again.
+
+        A no-op when not merged: under fused W already holds what the forward needs.
+        """
+        if not self.merged:
+            return
+        self.restore_cells()
         self.merged = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The fused path rewrites W only in forward; bring it up to date so that a state dict taken after an
+        # optimizer step holds the current orig + delta (see the module docstring), not the previous one.
+        if self.impl == "fused" and not self.merged:
+            self.sync_cells() if self.sharded else self._sync_fused()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -266,15 +414,21 @@ class NeuroAdaLinear(nn.Module):
             return base(x)
         if self.impl == "reference":
             update = torch.zeros(base.weight.shape, dtype=torch.float32, device=base.weight.device)
-            update = update.scatter(1, self.neuroada_idx, self.neuroada_delta)
+            if self.general_layout:
+                update = update.view(-1).index_add(0, self.flat_indices(), self.neuroada_delta).view(update.shape)
+            else:
+                update = update.scatter(1, self.neuroada_idx, self.neuroada_delta)
             weight = (base.weight.float() + update).to(base.weight.dtype)
             return F.linear(x, weight, base.bias)
-        self._sync_fused()
+        if not self.sharded:  # sharded: W here is a gathered copy; the strategy's hook synced the local rows
+            self._sync_fused()
         if not torch.is_grad_enabled():
             return base(x)
         factors = product_factors(x) if self.neuroada_delta.requires_grad else None
-        return _FusedLinear.apply(x, base.weight, base.bias, self.neuroada_delta, self.neuroada_idx,
-                                  self.neuroada_input_cols, self.neuroada_local_idx, factors)
+        cell_rows = (self.neuroada_crow, self.neuroada_cell_rows) if self.general_layout else None
+        return FusedLinearFunction.apply(x, base.weight, base.bias, self.neuroada_delta, self.neuroada_idx,
+                                         self.neuroada_input_cols, self.neuroada_local_idx, factors, cell_rows)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, k={self.k}, impl={self.impl}, merged={self.merged}"
+        cells = f"k={self.k}" if self.k is not None else f"cells={self.neuroada_idx.numel()}"
+        return f"in={self.in_features}, out={self.out_features}, {cells}, impl={self.impl}, merged={self.merged}"

@@ -32,7 +32,7 @@ def neuroada_layers(model: nn.Module) -> dict[str, NeuroAdaLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, NeuroAdaLinear)}
 
 
-def _saved_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
+def saved_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
     names = [name for name, _ in model.named_modules() if name and name_matches(name, patterns)]
     # keep outermost matches only (a head and its inner layers are one saved module)
     return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
@@ -40,7 +40,7 @@ def _saved_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
 
 def find_targets(model: nn.Module, config: NeuroAdaConfig) -> dict[str, nn.Linear]:
     """Target nn.Linear modules by name; every pattern must match something, every match must fit k."""
-    saved = _saved_module_names(model, config.modules_to_save)
+    saved = saved_module_names(model, config.modules_to_save)
     targets, used = {}, set()
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in saved):
@@ -139,7 +139,40 @@ def _gradient_scores(model: nn.Module, targets: dict[str, nn.Linear], batches, k
     return result
 
 
-def _compact_input_layers(targets: dict[str, nn.Linear], chosen: dict[str, torch.Tensor]) -> set[str]:
+def _covered(idx: torch.Tensor, config: NeuroAdaConfig, name: str, d_in: int):
+    """neuron_fraction < 1: keep the per-row cells of a seeded fraction of rows (general layout)."""
+    rows = selection.covered_rows(idx.shape[0], config.neuron_fraction, config.seed, name)
+    return selection.keep_rows(idx, rows, d_in)
+
+
+def select(targets: dict[str, nn.Linear], config: NeuroAdaConfig) -> dict:
+    """Cells of every target layer (not gradient selection, done by _gradient_scores with the batches).
+
+    scope=neuron gives [d_out, k] columns (or, with neuron_fraction < 1, the covered rows' cells);
+    layer and global scopes give (row_counts, cols) placed by raw score (see selection.cell_scores).
+    """
+    if config.scope == "neuron":
+        chosen = {}
+        for name, module in targets.items():
+            if config.selection == "magnitude":
+                idx = selection.magnitude(module.weight, config.k)
+            elif config.selection == "reverse":
+                idx = selection.reverse(module.weight, config.k)
+            else:
+                idx = selection.random_columns(*module.weight.shape, config.k, config.seed, name, module.weight.device)
+            chosen[name] = idx if config.neuron_fraction >= 1 else _covered(idx, config, name, module.in_features)
+        return chosen
+    scored = {name: selection.cell_scores(config.selection, module.weight, config.seed, name)
+              for name, module in targets.items()}
+    largest = config.selection != "reverse"
+    if config.scope == "layer":
+        return {name: selection.top_cells(scores, module.out_features * config.k, largest)
+                for (name, (scores, _)), module in zip(scored.items(), targets.values())}
+    budget = sum(module.out_features * config.k for module in targets.values())
+    return selection.top_cells_global({name: scores for name, (scores, _) in scored.items()}, budget, largest)
+
+
+def compact_input_layers(targets: dict[str, nn.Linear], chosen: dict[str, torch.Tensor]) -> set[str]:
     """Layers that should keep only their selected input columns for backward (see NeuroAdaLinear).
 
     Layers of one parent with the same input width usually read the same tensor (q/k/v, gate/up), which
@@ -151,9 +184,10 @@ def _compact_input_layers(targets: dict[str, nn.Linear], chosen: dict[str, torch
         groups.setdefault((name.rpartition(".")[0], module.in_features), []).append(name)
     compact = set()
     for (_, d_in), names in groups.items():
-        if any(chosen[n].is_meta for n in names):
+        columns = [chosen[n][1] if isinstance(chosen[n], tuple) else chosen[n] for n in names]
+        if any(c.is_meta for c in columns):
             continue  # meta models (parameter counting) have no values to compact
-        width = sum(torch.unique(chosen[n]).numel() for n in names)
+        width = sum(torch.unique(c).numel() for c in columns)
         if width <= COMPACT_INPUT_FRACTION * d_in:
             compact.update(names)
     return compact
@@ -168,34 +202,28 @@ def inject(
 ) -> nn.Module:
     """Freeze ``model`` and wrap every target nn.Linear in a NeuroAdaLinear; returns the same model.
 
-    ``indices`` (layer name -> [d_out, k] columns) skips selection; load_adapter uses it.
+    ``indices`` (layer name -> [d_out, k] columns, or (row_counts, cols) cells) skips selection; load_adapter
+    uses it.
     """
     targets = find_targets(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
     if indices is None and config.selection == "gradient":
         indices = _gradient_scores(model, targets, gradient_batches or [], config.k)
-    chosen = {}
-    for name, module in targets.items():
-        if indices is not None:
-            if name not in indices:
-                raise UserError(f"the adapter has no indices for layer {name!r}; it was made for another model")
-            chosen[name] = indices[name]
-        elif config.selection == "magnitude":
-            chosen[name] = selection.magnitude(module.weight, config.k)
-        elif config.selection == "reverse":
-            chosen[name] = selection.reverse(module.weight, config.k)
-        else:
-            chosen[name] = selection.random_columns(*module.weight.shape, config.k, config.seed, name,
-                                                    module.weight.device)
-    compact = _compact_input_layers(targets, chosen)
+        if config.neuron_fraction < 1:
+            indices = {name: _covered(idx, config, name, targets[name].in_features) for name, idx in indices.items()}
+    chosen = dict(indices) if indices is not None else select(targets, config)
+    missing = [name for name in targets if name not in chosen]
+    if missing:
+        raise UserError(f"the adapter has no indices for layer {missing[0]!r}; it was made for another model")
+    compact = compact_input_layers(targets, chosen)
     for name, module in targets.items():
         _replace(model, name, NeuroAdaLinear(module, chosen[name], impl=config.impl, train_bias=config.train_bias,
                                              compact_input=name in compact))
-    for saved in _saved_module_names(model, config.modules_to_save):
+    for saved in saved_module_names(model, config.modules_to_save):
         for param in model.get_submodule(saved).parameters():
             param.requires_grad_(True)
-    if config.modules_to_save and not _saved_module_names(model, config.modules_to_save):
+    if config.modules_to_save and not saved_module_names(model, config.modules_to_save):
         raise UserError(f"modules_to_save {config.modules_to_save} match no module of this model")
     model.neuroada_config = config
     return model
@@ -209,7 +237,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore the base weights bitwise at the selected cells; the deltas are applied again."""
+    """Restore the base weights bitwise at the selected cells; the deltas are applied again (no-op if unmerged)."""
     for layer in neuroada_layers(model).values():
         layer.unmerge()
     return model
@@ -258,10 +286,15 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     config = getattr(model, "neuroada_config", None)
     head_ids = set()
     if config is not None:
-        for saved in _saved_module_names(model, config.modules_to_save):
+        for saved in saved_module_names(model, config.modules_to_save):
             head_ids |= {id(p) for p in model.get_submodule(saved).parameters()}
+    # Sharded layers hold their selected columns and original cells as frozen parameters (see
+    # NeuroAdaLinear.cells_as_parameters): bookkeeping, not model parameters.
+    cell_ids = {id(t) for layer in layers.values() for t in (layer.neuroada_idx, layer.neuroada_orig)}
     total = trainable = bypass = bias = head = 0
     for param in model.parameters():  # parameters() yields each shared tensor once
+        if id(param) in cell_ids:
+            continue
         n = param.numel()
         if id(param) not in delta_ids:
             total += n

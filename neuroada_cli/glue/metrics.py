@@ -4,6 +4,16 @@ API::
 
     glue_metrics(task, predictions, labels) -> dict[str, float]   # values in 0..1 (x100 for tables)
     primary_metric(task) -> str                                     # the model-selection / reported key
+    METRIC_DIR                                                      # the evaluate module shipped here
+    load_metric(task) -> evaluate.Metric                            # evaluate.load(METRIC_DIR, config_name=task)
+    score(task, predictions, labels) -> dict[str, float]           # glue_metrics, through the evaluate module
+
+The same numbers are available to any ``evaluate`` user, offline, from the installed package::
+
+    evaluate.load(str(neuroada_cli.glue.metrics.METRIC_DIR), config_name="rte")
+
+(``neuroada_glue/neuroada_glue.py``: an ``evaluate.Metric`` whose ``_compute`` calls glue_metrics;
+``evaluate`` copies a local script into its modules cache and never touches the network for it.)
 
 | task                         | keys                                    | primary              |
 |------------------------------|-----------------------------------------|----------------------|
@@ -32,7 +42,7 @@ import math
 
 import numpy as np
 
-from ..data.glue import glue_task
+from .tasks import glue_task
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +101,30 @@ def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
     if len(result) > 1:
         result["combined_score"] = float(np.mean(list(result.values())))
     return result
+
+
+def _metric_dir():
+    from importlib.resources import files
+
+    return files("neuroada_cli.glue") / "neuroada_glue"
+
+
+METRIC_DIR = _metric_dir()
+_LOADED: dict[str, object] = {}
+
+
+def load_metric(task: str):
+    """The task's GLUE metric as an ``evaluate`` module, loaded from the package (no network)."""
+    import evaluate
+
+    name = glue_task(task).name
+    if name not in _LOADED:  # loading copies and imports the script: once per task and process is enough
+        _LOADED[name] = evaluate.load(str(METRIC_DIR), config_name=name, keep_in_memory=True)
+    return _LOADED[name]
+
+
+def score(task: str, predictions, labels) -> dict[str, float]:
+    """glue_metrics computed through the shipped ``evaluate`` module (class ids, or scores for stsb)."""
+    spec = glue_task(task)
+    predictions = _as_predictions(predictions, spec.num_labels)
+    return load_metric(spec.name).compute(predictions=predictions, references=labels)

@@ -1,10 +1,11 @@
-"""GLUE for sequence classification: the task table, loading, the LoReFT split, tokenisation and batches.
+"""GLUE rows and tokens: loading a split, the LoReFT split, tokenisation and classification batches.
 
-API (everything a GLUE train/eval integration needs from the data side)::
+API::
 
-    GLUE_TASKS: dict[str, GlueTask]          # cola sst2 mrpc qqp stsb mnli qnli rte
-    glue_task(name) -> GlueTask               # "rte", "glue/rte", "RTE", "sts-b" ...; UserError if unknown
-    load_split(task, split, data_dir=None) -> list[dict]
+    load_split(task, split, data_dir=None) -> list[dict]          # validated {<text columns>, label, idx}
+    split_path(data_dir, task, split) -> Path | None
+    train_rows(task, data_dir, limit, seed) -> list[dict]         # data.train_limit rows, seeded
+    selection_rows(task, data_dir, seed) / report_rows(...)       # the two LoReFT parts of validation
     loreft_split(rows, seed=42) -> (selection_rows, report_rows)
     loreft_split_indices(n, seed=42) -> (selection_indices, report_indices)
     encode(rows, tokenizer, task, max_length) -> list[dict]
@@ -16,7 +17,7 @@ Data layout: ``<data dir>/glue/<task>/<split>.jsonl`` or ``.jsonl.gz``, one JSON
 the Hugging Face ``glue`` columns and label encodings (see GlueTask.text_columns / label_names;
 stsb labels are floats in 0..5). ``idx`` is kept as stored (in the packaged sample it is the row's
 index in the full split); rows without one get their position. When the file is missing and the
-hub is allowed (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset) the split is fetched with
+hub is allowed (``paths.hub_offline()`` is false) the split is fetched with
 ``datasets.load_dataset("nyu-mll/glue", task)`` (the hub's current name of ``glue``); otherwise
 a one-line UserError names the expected path.
 
@@ -52,87 +53,29 @@ import gzip
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.tokenize import check_max_length
+from ..data.train_sets import seeded_subset
 from ..errors import UserError
+from ..paths import data_dir as resolve_data_dir
+from ..paths import hub_offline
+from .tasks import GlueTask, glue_task
 
 HUB_DATASET = "nyu-mll/glue"
 SELECTION_SIZE_LARGE = 1000      # selection rows when a validation split has more than ...
 LARGE_SPLIT_THRESHOLD = 5000     # ... this many rows; otherwise half (rounded down) is selection
 STSB_RANGE = (0.0, 5.0)
 
-
-@dataclass(frozen=True)
-class GlueTask:
-    name: str
-    text_columns: tuple[str, ...]          # one column, or a sentence pair fed to the pair API
-    num_labels: int                        # 1 = regression (stsb)
-    label_names: tuple[str, ...]           # HF ClassLabel names; () for stsb
-    metrics: tuple[str, ...]               # keys glue_metrics() returns, as evaluate's "glue" names them
-    primary_metric: str                    # model selection and the reported number
-    train_split: str = "train"
-    validation_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ("test",)  # labels hidden (-1): loading them is a UserError
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-    @property
-    def selection_split(self) -> str:
-        """The validation split LoReFT cuts for model selection (mnli: validation_matched)."""
-        return self.validation_splits[0]
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return (self.train_split, *self.validation_splits, *self.test_splits)
-
-
-_ACC = ("accuracy",)
-_ACC_F1 = ("accuracy", "f1", "combined_score")
-GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("cola", ("sentence",), 2, ("unacceptable", "acceptable"),
-                     ("matthews_correlation",), "matthews_correlation"),
-    "sst2": GlueTask("sst2", ("sentence",), 2, ("negative", "positive"), _ACC, "accuracy"),
-    "mrpc": GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("not_equivalent", "equivalent"),
-                     _ACC_F1, "accuracy"),
-    "qqp": GlueTask("qqp", ("question1", "question2"), 2, ("not_duplicate", "duplicate"),
-                    _ACC_F1, "accuracy"),
-    "stsb": GlueTask("stsb", ("sentence1", "sentence2"), 1, (),
-                     ("pearson", "spearmanr", "combined_score"), "pearson"),
-    "mnli": GlueTask("mnli", ("premise", "hypothesis"), 3, ("entailment", "neutral", "contradiction"),
-                     _ACC, "accuracy", validation_splits=("validation_matched", "validation_mismatched"),
-                     test_splits=("test_matched", "test_mismatched")),
-    "qnli": GlueTask("qnli", ("question", "sentence"), 2, ("entailment", "not_entailment"), _ACC, "accuracy"),
-    "rte": GlueTask("rte", ("sentence1", "sentence2"), 2, ("entailment", "not_entailment"), _ACC, "accuracy"),
-}
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli-mm": "mnli"}
-
-# Splits absent from the shared data bundle (/work/shared/data/README.md, "Missing"): named in
-# the error so a user does not hunt for a file that was never shipped.
-NOT_IN_SHARED_DATA = {
+# Splits the project's GLUE data bundle does not ship (its README lists them as missing): named in
+# the error so a user does not hunt for a file that was never there.
+MISSING_FROM_DATA_BUNDLE = {
     ("mnli", "train"), ("mnli", "validation_matched"), ("mnli", "validation_mismatched"),
     ("qqp", "train"), ("qqp", "validation"), ("qnli", "train"),
 }
 
 
-def glue_task(name: str) -> GlueTask:
-    """The task for ``name`` ("rte", "glue/rte", "RTE", "sts-b"); UserError listing valid tasks."""
-    key = str(name).strip().lower()
-    key = key[len("glue/"):] if key.startswith("glue/") else key
-    key = _ALIASES.get(key, key)
-    if key not in GLUE_TASKS:
-        raise UserError(f"unknown GLUE task {name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
-    return GLUE_TASKS[key]
-
-
 # ----------------------------------------------------------------------------------------- loading
-
-def _hub_allowed() -> bool:
-    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return not any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in offline)
-
 
 def split_path(data_dir: str | os.PathLike, task: str, split: str) -> Path | None:
     """The existing ``glue/<task>/<split>.jsonl`` (preferred) or ``.jsonl.gz``, else None."""
@@ -213,8 +156,6 @@ def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None)
     Local ``glue/<task>/<split>.jsonl(.gz)`` wins; the hub is tried only when it is missing and
     the hub is allowed. Every problem is a one-line UserError naming the file and line.
     """
-    from ..paths import data_dir as resolve_data_dir
-
     spec = glue_task(task)
     if split not in spec.splits:
         raise UserError(f"GLUE {spec.name} has no split {split!r}; valid splits: {', '.join(spec.splits)}")
@@ -223,10 +164,10 @@ def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None)
     if path is not None:
         return _read_jsonl(path, spec)
     expected = root / "glue" / spec.name / f"{split}.jsonl"
-    if _hub_allowed():
+    if not hub_offline():
         return _load_from_hub(spec, split, expected)
-    absent = (" (not in the shared data bundle: it has no MNLI, QQP or QNLI train)"
-              if (spec.name, split) in NOT_IN_SHARED_DATA else "")
+    absent = (" (the benchmark data bundle this project is tested with has no MNLI or QQP splits and no QNLI train)"
+              if (spec.name, split) in MISSING_FROM_DATA_BUNDLE else "")
     raise UserError(f"GLUE {spec.name}/{split} not found: expected {expected}(.gz){absent}; put the HF glue "
                     "JSONL there, set data.dir/NEUROADA_DATA_DIR to a folder with glue/<task>/<split>.jsonl, "
                     "or unset HF_HUB_OFFLINE to fetch it from the hub")
@@ -261,6 +202,24 @@ def loreft_split(rows: list, seed: int = 42) -> tuple[list, list]:
     return [rows[i] for i in selection], [rows[i] for i in report]
 
 
+def train_rows(task: str, data_dir, limit: int | None, seed: int) -> list[dict]:
+    """The training rows: all of the train split, or ``limit`` of them drawn with ``seed`` (file order)."""
+    spec = glue_task(task)
+    return seeded_subset(load_split(spec.name, spec.train_split, data_dir), limit, seed)
+
+
+def selection_rows(task: str, data_dir, seed: int, split: str | None = None) -> list[dict]:
+    """The LoReFT model-selection part of ``split`` (default: the task's selection split) for the run seed."""
+    spec = glue_task(task)
+    return loreft_split(load_split(spec.name, split or spec.selection_split, data_dir), seed)[0]
+
+
+def report_rows(task: str, data_dir, seed: int, split: str | None = None) -> list[dict]:
+    """The LoReFT report part of ``split`` (where the published score is computed) for the run seed."""
+    spec = glue_task(task)
+    return loreft_split(load_split(spec.name, split or spec.selection_split, data_dir), seed)[1]
+
+
 # ------------------------------------------------------------------------- tokenisation, batches
 
 def encode(rows: list[dict], tokenizer, task: str, max_length: int) -> list[dict]:
@@ -270,8 +229,7 @@ def encode(rows: list[dict], tokenizer, task: str, max_length: int) -> list[dict
     model was pretrained); ``labels`` is a float for stsb, an int otherwise.
     """
     spec = glue_task(task)
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 8:
-        raise UserError(f"data.max_length={max_length!r} is too small for GLUE; use an integer >= 8 (LoReFT: 256)")
+    check_max_length(max_length, "data.max_length")
     if not rows:
         return []
     columns = [[row[column] for row in rows] for column in spec.text_columns]

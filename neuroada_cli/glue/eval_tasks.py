@@ -1,13 +1,14 @@
 """GLUE eval tasks (sequence classification) behind the eval interface of eval/base.py.
 
 Names: ``glue/cola glue/sst2 glue/mrpc glue/qqp glue/stsb glue/mnli glue/mnli_mm glue/qnli glue/rte``
-(aliases: the bare task name, e.g. ``rte``). Suite: ``glue``.
+(aliases: the bare task name, e.g. ``rte``). Suite: ``glue``. Registered through eval/registry.py's
+SUITE_MODULES (this module's ``TASKS``).
 
-Protocol (LoReFT / NeuroAda authors, see data/glue.py): the score is computed on the REPORT part of
+Protocol (LoReFT / NeuroAda authors, see glue/data.py): the score is computed on the REPORT part of
 the validation split (``loreft_split`` with the run seed); the other part is the model-selection part
-train.py evaluates after every epoch. MNLI reports matched (``glue/mnli``, validation_matched) and
-mismatched (``glue/mnli_mm``, validation_mismatched) as two tasks. Predictions are the argmax of the
-logits (the raw score for stsb); metrics from eval/glue_metrics.py, offline.
+the training recipe evaluates after every epoch. MNLI reports matched (``glue/mnli``, validation_matched)
+and mismatched (``glue/mnli_mm``, validation_mismatched) as two tasks. Predictions are the argmax of the
+logits (the raw score for stsb); metrics through the shipped ``evaluate`` module (glue/metrics.py), offline.
 
 The split depends on the seed and the tokens on the max length, which ``load``/``predict`` do not
 receive: the runner calls ``task.configure(seed=trainer.seed, max_length=data.max_length)`` for a bound
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.glue import GLUE_TASKS, encode, glue_task, load_split, loreft_split, split_path
 from ..errors import UserError
-from .base import Advance, EvalOptions, Example, TaskData, limit_rows
-from .glue_metrics import glue_metrics
+from ..eval.base import Advance, EvalOptions, Example, TaskData, limit_rows
+from ..kinds.classification import predict_logits
+from .data import encode, report_rows, split_path
+from .metrics import score
+from .tasks import GLUE_TASKS, glue_task
 
 DEFAULT_SEED = 42
 DEFAULT_MAX_LENGTH = 256
@@ -32,7 +35,7 @@ DEFAULT_MAX_LENGTH = 256
 @dataclass(frozen=True)
 class GlueEvalTask:
     name: str                       # glue/rte
-    glue_name: str                  # rte (the data/glue.py task)
+    glue_name: str                  # rte (the glue/tasks.py task)
     split: str                      # the validation split cut by loreft_split
     aliases: tuple[str, ...] = ()
     seed: int = DEFAULT_SEED
@@ -57,8 +60,7 @@ class GlueEvalTask:
         return dataclasses.replace(self, **changes)
 
     def load(self, data_dir: Path, limit: int | None) -> TaskData:
-        rows = loreft_split(load_split(self.glue_name, self.split, data_dir), self.seed)[1]
-        rows = limit_rows(rows, limit)
+        rows = limit_rows(report_rows(self.glue_name, data_dir, self.seed, self.split), limit)
         if not rows:
             raise UserError(f"eval task {self.name}: the report part of {self.split} is empty; "
                             "the split needs >= 2 rows")
@@ -84,8 +86,6 @@ class GlueEvalTask:
 
     def predict(self, model, tokenizer, examples: list[Example], options: EvalOptions,
                 advance: Advance | None = None) -> list[dict]:
-        from ..data.glue_train import predict_logits
-
         encoded = encode([example.row for example in examples], tokenizer, self.glue_name, self.max_length)
         logits = predict_logits(model, encoded, tokenizer.pad_token_id, options.batch_size, advance=advance)
         records = []
@@ -101,7 +101,7 @@ class GlueEvalTask:
         return records
 
     def score(self, records: list[dict]) -> dict[str, Any]:
-        return glue_metrics(self.glue_name, [r["extracted"] for r in records], [r["gold"] for r in records])
+        return score(self.glue_name, [r["extracted"] for r in records], [r["gold"] for r in records])
 
 
 def _tasks() -> list[GlueEvalTask]:

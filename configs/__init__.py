@@ -1,0 +1,1 @@
+"""configs/: Hydra config groups, shipped in the wheel as ``neuroada_cli.configs`` (see paths.configs_dir)."""

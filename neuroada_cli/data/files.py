@@ -1,0 +1,103 @@
+"""Reading the user's own data files: JSON, JSON Lines, CSV or Parquet through ``datasets``' local loaders,
+or a hub dataset id when the hub is online.
+
+``read_table(source, key)`` returns ``(label, rows)``: plain dicts, one per record, and the label that error
+messages use for the file. ``key`` is the config key the source came from (``data.train_file``), so every
+error names what to change. Rows are numbered from 1 in messages (the first record is row 1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import paths
+from ..errors import UserError
+
+# file suffix -> datasets builder; compressed JSON is read by the same builder
+LOADERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".csv": "csv",
+           ".parquet": "parquet"}
+
+
+def loader_for(path: Path) -> str | None:
+    """The ``datasets`` builder for a file name (by its suffix), None when unsupported."""
+    name = path.name.lower()
+    return next((builder for suffix, builder in LOADERS.items() if name.endswith(suffix)), None)
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids are "name" or "owner/name" (optionally ":split"); anything with a file suffix is a path.
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or loader_for(Path(source)) is not None
+
+
+def read_table(source: str, key: str) -> tuple[str, list[dict]]:
+    """``(label, rows)`` of a local data file, or of a hub dataset ``owner/name[:split]`` (default split train)."""
+    if not isinstance(source, str) or not source.strip():
+        raise UserError(f"{key} is empty; give a JSON, JSONL, CSV or Parquet file (or a hub dataset id)")
+    source = source.strip()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise UserError(f"{key}={source!r} is a folder; give a JSON, JSONL, CSV or Parquet file inside it")
+    if path.is_file():
+        return str(path), _read_file(path, key)
+    if _looks_like_path(source):
+        raise UserError(f"{key}={source!r}: file not found; check the path")
+    return _read_hub(source, key)
+
+
+def _load_quietly(*args, **kwargs):
+    """``datasets.load_dataset`` without its progress bars (they would interleave with the run's own output)."""
+    import datasets
+
+    were_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    finally:
+        if not were_disabled:
+            datasets.enable_progress_bars()
+
+
+def _text_columns(path: Path):
+    """``datasets.Features`` reading every column of a CSV file (named by its header line) as text."""
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _read_file(path: Path, key: str) -> list[dict]:
+    builder = loader_for(path)
+    if builder is None:
+        raise UserError(f"{path}: unsupported file type; {key} takes .json, .jsonl, .csv or .parquet "
+                        "(.json.gz / .jsonl.gz too)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty; give a file with at least one record")
+    try:
+        # CSV cells stay text: pandas would turn a completion " 2" into the number 2 (losing its space)
+        options = {"features": _text_columns(path)} if builder == "csv" else {}
+        table = _load_quietly(builder, data_files=str(path), split="train", **options)
+    except Exception as err:  # pyarrow / json / datasets raise many types for "cannot parse this"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: cannot read it as {builder.upper()} ({first[:200]}); check the file's format") \
+            from None
+    rows = table.to_list()
+    if not rows:
+        raise UserError(f"{path}: the file has no records; give a file with at least one record")
+    return rows
+
+
+def _read_hub(source: str, key: str) -> list[dict]:
+    if paths.hub_offline():
+        raise UserError(f"{key}={source!r}: no such file, and the hub is offline (HF_HUB_OFFLINE), so it cannot be "
+                        "a hub dataset id; give a local file")
+    name, _, split = source.partition(":")
+    try:
+        rows = _load_quietly(name, split=split or "train").to_list()
+    except Exception as err:  # datasets raises many unrelated types for "not found / no network"
+        raise UserError(f"{key}={source!r}: no such file, and loading it as a hub dataset failed "
+                        f"({type(err).__name__}); give a local file or a hub id owner/name[:split]") from None
+    if not rows:
+        raise UserError(f"hub dataset {source!r} has no records; check {key}")
+    return rows

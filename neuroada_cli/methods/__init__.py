@@ -1,0 +1,125 @@
+"""The trainable methods behind one interface, looked up in one table: NeuroAda, LoRA (PEFT baseline), full.
+
+One small class per method (``methods/neuroada.py``, ``lora.py``, ``full.py``); nothing else compares method
+names. ``METHOD_NAMES`` feeds the config schema's allowed values, so adding a method is: write its class,
+add it to ``METHOD_MODULES``. This module imports no torch/transformers (config validation imports it).
+
+    method = get_method(cfg.method)
+    source, gguf_file = method.base_source(cfg, adapter_dir)   # what base to load (full: its saved model)
+    model = method.attach(cfg, model, gradient_batches=..., resume_dir=...)
+    method.count(model); method.save(model, tokenizer, path)
+    model = method.load_for_eval(cfg, model, adapter_dir); plain = method.merge(model)
+
+Config objects stop at this boundary: the method library (``neuroada_cli/method/``) gets plain values.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config_schema import config_value  # noqa: F401  (re-exported: the method classes read plain values with it)
+from ..errors import UserError
+
+METHOD_MODULES = {
+    "neuroada": "neuroada_cli.methods.neuroada:NeuroAdaMethod",
+    "lora": "neuroada_cli.methods.lora:LoraMethod",
+    "full": "neuroada_cli.methods.full:FullMethod",
+}
+METHOD_NAMES = tuple(METHOD_MODULES)
+
+
+class Method(Protocol):
+    """What the recipe, eval and export need from a method (structural: no base class)."""
+
+    name: str
+
+    def describe(self, cfg) -> str:
+        """One line for `neuroada validate`, e.g. "neuroada k=20 (magnitude)"."""
+
+    def base_source(self, cfg, adapter_dir: Path | None) -> tuple[str, str | None]:
+        """(name_or_path, gguf_file) of the base model to load, given the run's adapter/ (or None)."""
+
+    shardable: bool  # whether trainer.strategy=fsdp can shard it (a full fine-tune would gather whole models)
+
+    def gradient_batch_count(self, cfg) -> int:
+        """How many training global batches attach wants (NeuroAda selection=gradient); 0 = none."""
+
+    def attach(self, cfg, model, *, gradient_batches=None, resume_dir: Path | None = None):
+        """The trainable model; ``resume_dir`` (a checkpoint folder) restores its trained weights."""
+
+    def load_for_eval(self, cfg, model, adapter_dir: Path):
+        """``model`` (a loaded base) with the saved adapter applied."""
+
+    def merge(self, model) -> tuple[Any, bool]:
+        """(plain transformers model with the adapter folded into its weights, whether anything was merged)."""
+
+    def count(self, model) -> dict:
+        """run.json's counts: trainable_params, total_params, trainable_percent (+ the method's split)."""
+
+    def save(self, model, tokenizer, path: Path) -> None:
+        """Write adapter/ (or the whole model for full fine-tuning)."""
+
+
+def get_method(name: str) -> Method:
+    """The method object for ``name`` (``cfg.method``); UserError naming the valid names."""
+    if name not in METHOD_MODULES:
+        raise UserError(f"method={name!r} is unknown; use one of: {', '.join(METHOD_NAMES)}")
+    module_name, class_name = METHOD_MODULES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
+
+
+def counts_line(counts: dict) -> str:
+    """run.json's counts as one line: "trainable N of M (P%) = bypass a + head b" (the method's own split)."""
+    parts = [f"{key[:-len('_params')]} {value:,}" for key, value in counts.items()
+             if key.endswith("_params") and key not in ("trainable_params", "total_params")]
+    return (f"trainable {counts['trainable_params']:,} of {counts['total_params']:,} "
+            f"({counts['trainable_percent']:.3f}%)" + (f" = {' + '.join(parts)}" if parts else ""))
+
+
+def load_trained(cfg, adapter_dir: str | os.PathLike | None, *, merge: bool, model=None, tokenizer=None):
+    """(model, tokenizer, info): the run's base with its adapter applied, merged (fp32) if ``merge``.
+
+    ``model``/``tokenizer``: an already-loaded model (e.g. right after training) instead of loading the base;
+    ``adapter_dir`` None = the base alone (or the adapter is already on ``model``). Used by eval and export.
+    """
+    method = get_method(config_value(cfg, "method", "neuroada"))
+    adapter = Path(adapter_dir) if adapter_dir is not None else None
+    if adapter is not None and not adapter.is_dir():
+        raise UserError(f"adapter {str(adapter_dir)!r} not found; pass the adapter/ folder of a training run")
+    if model is None:
+        from ..models import load_model_and_tokenizer
+
+        source, gguf_file = method.base_source(cfg, adapter)
+        model, tokenizer = load_model_and_tokenizer(
+            source, kind=config_value(cfg, "task.kind", "causal_lm"), dtype=config_value(cfg, "model.dtype", "float32"),
+            gguf_file=gguf_file, family=config_value(cfg, "model.family", "auto"),
+            attn_implementation=config_value(cfg, "model.attn_implementation"), **_kind_options(cfg))
+        model = method.load_for_eval(cfg, model, adapter) if adapter is not None else model
+    elif adapter is not None:
+        model = method.load_for_eval(cfg, model, adapter)
+    if tokenizer is None:
+        raise ValueError("load_trained: pass tokenizer together with model")
+    merged = False
+    if merge:
+        model, merged = method.merge(model)
+    info = {"name_or_path": config_value(cfg, "model.name_or_path"), "dtype": config_value(cfg, "model.dtype"),
+            "method": method.name, "adapter": str(adapter_dir) if adapter_dir is not None else None,
+            "adapter_files": _fingerprint(adapter), "merged": merged, "recipe": config_value(cfg, "recipe")}
+    return model, tokenizer, info
+
+
+def _kind_options(cfg) -> dict:
+    """The task kind's extra load options (classification: num_labels, problem_type)."""
+    from ..kinds import get_kind
+
+    return get_kind(config_value(cfg, "task.kind", "causal_lm")).from_config(cfg).model_options()
+
+
+def _fingerprint(folder: Path | None) -> str | None:
+    """Size and mtime of the adapter's files: a retrained adapter at the same path is not "the same"."""
+    if folder is None or not folder.is_dir():
+        return None
+    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
+    return ";".join(f"{name}:{size}:{mtime}" for name, size, mtime in stats)

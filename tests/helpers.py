@@ -1,0 +1,288 @@
+"""Helpers shared by the test files (import them: ``from helpers import cli, tiny_llama``).
+
+Everything here builds things in-process, offline: a byte-level BPE tokenizer trained on a tiny corpus, tiny
+random Llama / BERT / RoBERTa checkpoints, LLM-Adapters and GLUE data files, and a way to run the CLI.
+Fixtures live in conftest.py and are built from these functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA_DIR = REPO.parent / "shared" / "data"
+
+
+# ------------------------------------------------------------------------------ tokenizer and tiny Llama
+_CORPUS = [
+    "Please choose the correct answer to the question: the correct answer is true false",
+    "solution1 solution2 option1 option2 answer1 answer2 answer3 answer4 answer5 ending1 ending2",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Response: The answer is 12. 3 + 4 = 7 and 0.5 * 10 = 5, so -2 apples (A) (B)",
+    "the quick brown fox jumps over the lazy dog; a man is playing a guitar. entailment not_entailment",
+]
+
+
+def make_tokenizer(pad_is_eos: bool = True, padding_side: str = "right"):
+    """A byte-level BPE tokenizer trained on a tiny corpus; pad = eos like SmolLM2 when pad_is_eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<s>"] if pad_is_eos else ["<|endoftext|>", "<s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<s>",
+        pad_token="<|endoftext|>" if pad_is_eos else "<pad>",
+        padding_side=padding_side,
+    )
+
+
+def tiny_llama_config(vocab_size: int = 400, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+# ------------------------------------------------------------------------------ training data and the CLI
+TRAIN_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "answer", "solution1", "option2"]
+
+
+def write_train_rows(data_dir: Path, n: int = 48, seed: int = 0, stem: str = "commonsense_15k") -> Path:
+    """LLM-Adapters style rows of varied length under <data_dir>/llm_adapters/<stem>/train.json."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        answer = rng.choice(["true", "false"])
+        words = " ".join(rng.choice(TRAIN_WORDS) for _ in range(rng.randint(2, 24)))
+        rows.append({"instruction": f"Please choose the correct answer to the question: {words}", "input": "",
+                     "output": f"the correct answer is {answer}", "answer": answer})
+    folder = data_dir / "llm_adapters" / stem
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps(rows))
+    return data_dir
+
+
+def tiny_overrides(model_dir: Path, data_dir: Path, output_dir: Path, steps: int = 4) -> list[str]:
+    return [f"model.name_or_path={model_dir}", f"data.dir={data_dir}", f"trainer.output_dir={output_dir}",
+            f"trainer.max_steps={steps}", "trainer.batch_size=8", "trainer.micro_batch_size=2", "data.max_length=64",
+            "neuroada.k=4", "optimizer.lr=1e-2", "trainer.checkpoint_every=0", "optimizer.warmup_ratio=0.25"]
+
+
+def train_in_process(overrides: list[str]) -> Path:
+    from neuroada_cli import config
+    from neuroada_cli.train import train
+
+    return train(config.validate(config.compose(None, overrides)))
+
+
+def deltas(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300,
+        **popen) -> subprocess.CompletedProcess:
+    """Run ``python -m neuroada_cli ARGS`` offline; raise with its stderr when check and it fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "neuroada_cli", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"neuroada {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+# ------------------------------------------------------------------------------ GLUE data and encoders
+GLUE_WORDS = ("a man is playing guitar plays music the dog cat runs sleeps sits on mat woman reads book "
+              "child eats apple car drives fast slow red blue green big small happy sad yes no not").split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *GLUE_WORDS]
+
+
+def sentence(rng: random.Random, length: int = 6) -> str:
+    return " ".join(rng.choice(GLUE_WORDS) for _ in range(length)) + " ."
+
+
+def glue_rows(task: str, n: int, seed: int = 0) -> list[dict]:
+    """Rows with a learnable signal: label 1 (or a high score) when the first word is 'yes'."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        first = ("yes " if positive else "no ") + sentence(rng, rng.randint(3, 8))
+        if task == "stsb":
+            rows.append({"sentence1": first, "sentence2": sentence(rng), "label": round(4.0 + rng.random(), 2)
+                         if positive else round(rng.random(), 2), "idx": i})
+        elif task in ("rte", "mrpc"):
+            rows.append({"sentence1": first, "sentence2": sentence(rng), "label": 0 if positive else 1, "idx": i})
+        else:  # cola / sst2
+            rows.append({"sentence": first, "label": 1 if positive else 0, "idx": i})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_glue_task(data_dir: Path, task: str, train: int = 64, validation: int = 24) -> Path:
+    write_jsonl(data_dir / "glue" / task / "train.jsonl", glue_rows(task, train, seed=1))
+    write_jsonl(data_dir / "glue" / task / "validation.jsonl", glue_rows(task, validation, seed=2))
+    return data_dir
+
+
+def bert_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    return BertTokenizerFast.from_pretrained(str(folder))
+
+
+def tiny_bert_dir(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random BertModel checkpoint (no head: the head is added at load time, like MiniLM)."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = bert_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_roberta_dir(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random RobertaModel checkpoint with a byte-level BPE tokenizer (make_tokenizer's, with <pad>)."""
+    from transformers import RobertaConfig, RobertaModel
+
+    tokenizer = make_tokenizer(pad_is_eos=False)
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, type_vocab_size=1)
+    RobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------ tiny models for the method tests
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg), ["query", "key", "value", r".*attention\.output\.dense",
+                                                r".*intermediate\.dense", r".*layer\.\d+\.output\.dense"]
+
+
+def _roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    cfg = RobertaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=70, num_labels=2)
+    return RobertaForSequenceClassification(cfg), ["query", "key", "value", "dense"]
+
+
+def _neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    cfg = GPTNeoXConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)
+    return GPTNeoXForCausalLM(cfg), ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+ARCHS = {"llama": _llama, "bert": _bert, "roberta": _roberta, "gpt_neox": _neox}  # name -> (model, targets)
+CAUSAL_ARCHS = ("llama", "gpt_neox")
+ARCH_HEADS = {"bert": ["classifier"], "roberta": ["classifier"]}  # trained fully (modules_to_save)
+
+
+def build_arch(arch: str, seed: int = 0, dtype=torch.float32):
+    """A tiny random model of ``arch`` (eval mode, random biases) and its NeuroAda target_modules."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model, targets = ARCHS[arch]()
+    for module in model.modules():  # random biases, so bias handling is exercised
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.normal_(module.bias, std=0.1)
+    return model.to(dtype).eval(), targets
+
+
+def arch_batch(arch: str, seed: int = 1, length: int = 9) -> dict:
+    """Two rows with labels (the second padded at the end): class labels for encoders, token labels else."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (2, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    if arch in CAUSAL_ARCHS:
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+
+
+def randomise_deltas(model, seed: int = 2, scale: float = 0.05) -> None:
+    from neuroada_cli import neuroada_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in neuroada_layers(model).values():
+            layer.neuroada_delta.copy_(torch.randn(layer.neuroada_delta.shape, generator=generator) * scale)
+
+
+def adapted(arch: str, k: int = 3, impl: str = "fused", dtype=torch.float32, scale: float = 0.05, **config):
+    """build_arch + inject (heads trained fully) + random non-zero deltas."""
+    from neuroada_cli import NeuroAdaConfig, inject
+
+    model, targets = build_arch(arch, dtype=dtype)
+    config.setdefault("modules_to_save", ARCH_HEADS.get(arch, []))
+    inject(model, NeuroAdaConfig(k=k, target_modules=targets, impl=impl, **config))
+    randomise_deltas(model, scale=scale)
+    return model
+
+
+def naive_forward(model, arch: str, inputs: dict):
+    """Reference by hand: a fresh copy of the base with W + scatter(delta) written into plain linears."""
+    from neuroada_cli import neuroada_layers
+
+    plain, _ = build_arch(arch, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "neuroada" not in k}, strict=False)
+    modules = dict(plain.named_modules())
+    with torch.no_grad():
+        for name, layer in neuroada_layers(model).items():
+            target = modules[name]
+            dense = layer.neuroada_orig.float() + layer.neuroada_delta.float()
+            weight = layer.base_layer.weight.detach().float().clone()
+            weight.scatter_(1, layer.neuroada_idx, dense)
+            target.weight.copy_(weight.to(target.weight.dtype))
+    return plain(**inputs)
