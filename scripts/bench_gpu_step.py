@@ -54,6 +54,14 @@ def build(args, variant: str, k: int | None):
     return model
 
 
+def measured(args, variant: str, k: int | None) -> dict:
+    """measure() in its own frame, then the freed blocks go back to CUDA before the next variant builds."""
+    result = measure(args, variant, k)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def measure(args, variant: str, k: int | None) -> dict:
     model = build(args, variant, k)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -85,10 +93,7 @@ def measure(args, variant: str, k: int | None) -> dict:
     peak = torch.cuda.max_memory_allocated() - baseline
     result = {"variant": variant, "k": k, "step_s": statistics.median(times), "peak_gb": peak / 2**30,
               "trainable": sum(p.numel() for p in trainable)}
-    del model, optimizer, trainable
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+    return result  # the model and its optimizer go with this frame; measured() empties the cache after
 
 
 def time_cuda(fn, repeats: int) -> float:
@@ -105,7 +110,7 @@ def time_cuda(fn, repeats: int) -> float:
 
 def kernels(args) -> list[dict]:
     """Each delta-gradient kernel as a fraction of the dense dW, per layer shape and k (fp32 inputs)."""
-    from neuroada_cli.method import layer
+    from neuroada_cli.method import sddmm as layer
 
     tokens, rows = args.batch * args.seq, []
     default_scratch = layer.COLUMN_SCRATCH_ELEMENTS
@@ -146,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_step.py needs a CUDA device (see bench_train_step.py for CPU)")
-    results = [measure(args, variant, k) for variant, k in VARIANTS]
+    results = [measured(args, variant, k) for variant, k in VARIANTS]
     floor = results[0]
     for r in results:
         r["time_x_floor"], r["memory_x_floor"] = r["step_s"] / floor["step_s"], r["peak_gb"] / max(floor["peak_gb"], 1e-9)

@@ -2,7 +2,7 @@
 
 Compares, interleaved in one run, for the layer shapes of the step benchmark: the dense weight
 gradient dY^T X (what masked tuning and the authors' code pay), the column path (one gathered input
-column per selected slot, our choice for k <= layer.COLUMN_PATH_MAX_K), torch.sparse.sampled_addmm
+column per selected slot, our choice for k <= sddmm.COLUMN_PATH_MAX_K), torch.sparse.sampled_addmm
 (our choice above it), and the chunked gather + bmm fallback. Times are medians, reported as ratios
 to the dense product.   python scripts/bench_sddmm.py [--tokens 1024] [--json]
 """
@@ -16,7 +16,7 @@ import time
 import torch
 
 from neuroada_cli.method import selection
-from neuroada_cli.method.layer import sddmm_columns, sddmm_gather, sddmm_sparse
+from neuroada_cli.method.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse
 
 
 def main() -> None:

@@ -6,9 +6,12 @@ Fixtures live in conftest.py and are built from these functions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -286,3 +289,63 @@ def naive_forward(model, arch: str, inputs: dict):
             weight.scatter_(1, layer.neuroada_idx, dense)
             target.weight.copy_(weight.to(target.weight.dtype))
     return plain(**inputs)
+
+
+# ------------------------------------------------------------------------------ the fault matrix (issue 15)
+FAULT_STEPS = 4
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    """Every file (and folder) under ``folder`` -> the hash of its bytes: "unchanged" means equal dicts."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def fails(capsys, args: list[str], code: int = 2) -> str:
+    """Run ``neuroada ARGS``; assert exit ``code`` and one error line without a traceback; return that line."""
+    from neuroada_cli.cli import main
+
+    capsys.readouterr()
+    assert main(args) == code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def overrides(setup: dict, output: Path, steps: int = FAULT_STEPS, checkpoint_every: int = 2) -> list[str]:
+    kept = [o for o in tiny_overrides(setup["model"], setup["data"], output, steps)
+            if not o.startswith("trainer.checkpoint_every")]
+    return kept + [f"trainer.checkpoint_every={checkpoint_every}"]
+
+
+def no_temporaries(folder: Path) -> None:
+    assert not [p for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# ------------------------------------------------------------------------------ several processes
+def free_port() -> int:
+    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default 29500
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(*args: str, cwd) -> subprocess.CompletedProcess:
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if launcher is None:
+        import pytest
+
+        pytest.skip("the accelerate launcher is not installed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "neuroada_cli", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result

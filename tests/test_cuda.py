@@ -50,7 +50,7 @@ def test_fused_matches_reference_under_autocast(autocast_dtype, k):
 @pytest.mark.parametrize("kernel", ["sddmm_columns", "sddmm_sparse", "sddmm_gather"])
 @pytest.mark.parametrize("shape", [(64, 48, 1), (300, 200, 4), (128, 512, 20)])
 def test_delta_gradient_kernels_match_dense(kernel, shape):
-    from neuroada_cli.method import layer
+    from neuroada_cli.method import sddmm as layer
 
     d_out, d_in, k = shape
     torch.manual_seed(1)

@@ -2,35 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, cli, deltas, tiny_overrides, write_train_rows
-
-
-def free_port() -> int:
-    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default 29500
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def accelerate_launch(*args: str, cwd) -> subprocess.CompletedProcess:
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if launcher is None:
-        pytest.skip("the accelerate launcher is not installed")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "neuroada_cli", *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+from helpers import accelerate_launch, cli, deltas, tiny_overrides, write_train_rows
 
 
 def test_two_processes_equal_one_process(tiny_llama_dir, tmp_path):

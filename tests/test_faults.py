@@ -7,7 +7,6 @@ run (4 steps, checkpoints at 2 and 4) is trained once per module and copied into
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import shutil
@@ -16,75 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tokenizer, tiny_llama, tiny_overrides, write_train_rows
+from helpers import FAULT_STEPS as STEPS
+from helpers import fails, no_temporaries, overrides, tree_hash, truncate
 from neuroada_cli.cli import main
 
-STEPS = 4
+# The fixtures `setup` (one finished tiny run per module) and `run` (a private copy of it) live in conftest.py.
+pytestmark = pytest.mark.usefixtures("fresh_log_handler")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def tree_hash(folder: Path) -> dict[str, str]:
-    """Every file (and folder) under ``folder`` -> the hash of its bytes: "unchanged" means equal dicts."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
-
-
-def fails(capsys, args: list[str], code: int = 2) -> str:
-    """Run ``neuroada ARGS``; assert exit ``code`` and one error line without a traceback; return that line."""
-    capsys.readouterr()
-    assert main(args) == code
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def overrides(setup: dict, output: Path, steps: int = STEPS, checkpoint_every: int = 2) -> list[str]:
-    kept = [o for o in tiny_overrides(setup["model"], setup["data"], output, steps)
-            if not o.startswith("trainer.checkpoint_every")]
-    return kept + [f"trainer.checkpoint_every={checkpoint_every}"]
-
-
-def no_temporaries(folder: Path) -> None:
-    assert not [p for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
-
-
-@pytest.fixture(autouse=True)
-def fresh_log_handler():
-    """cli.main binds its note handler to the sys.stdout of its first call (a closed capture later): drop it."""
-    import logging
-
-    logger = logging.getLogger("neuroada_cli")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    yield
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    """A tiny Llama, its data and one finished run (4 steps, checkpoints at 2 and 4; only step-4 kept)."""
-    root = tmp_path_factory.mktemp("faults")
-    model = root / "model"
-    tiny_llama().save_pretrained(model)
-    make_tokenizer().save_pretrained(model)
-    data = write_train_rows(root / "data")
-    write_train_rows(data, n=2, seed=3, stem="boolq")  # an eval test file: llm_adapters/boolq/test.json
-    (data / "llm_adapters" / "boolq" / "train.json").rename(data / "llm_adapters" / "boolq" / "test.json")
-    values = {"model": model, "data": data, "root": root}
-    assert main(["train", *overrides(values, root / "run")]) == 0
-    values["run"] = root / "run"
-    return values
-
-
-@pytest.fixture
-def run(setup, tmp_path) -> Path:
-    """A private copy of the finished run."""
-    copy = tmp_path / "run"
-    shutil.copytree(setup["run"], copy)
-    return copy
-
-
 def nan_loss_at(monkeypatch, steps: set[int]) -> None:
     """The kind's loss becomes NaN during the optimizer steps in ``steps`` (1-based)."""
     from neuroada_cli.train import TrainingRecipe
@@ -207,7 +146,7 @@ def test_resume_auto_refuses_a_run_without_checkpoints(setup, run, capsys):
 @pytest.mark.parametrize("damage, named", [
     (lambda run: (run / "checkpoints/step-4/trainer_state.pt").write_bytes(b"garbage"), "trainer_state.pt"),
     (lambda run: (run / "config.yaml").write_text("trainer: [unclosed\n  method: {"), "config.yaml"),
-    (lambda run: _truncate(run / "checkpoints/step-4/adapter/adapter_model.safetensors"), "adapter_model.safetensors"),
+    (lambda run: truncate(run / "checkpoints/step-4/adapter/adapter_model.safetensors"), "adapter_model.safetensors"),
 ])
 def test_resume_from_damaged_files_names_them(setup, run, capsys, damage, named):
     damage(run)
@@ -215,11 +154,6 @@ def test_resume_from_damaged_files_names_them(setup, run, capsys, damage, named)
     line = fails(capsys, ["train", *overrides(setup, run, steps=6), "trainer.resume=true"])
     assert named in line and "damaged" in line
     assert tree_hash(run) == before
-
-
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 # ---------------------------------------------------------------------------------- write faults
@@ -359,7 +293,7 @@ def test_nan_on_one_process_stops_every_process(setup, tmp_path):
     import sys
 
     from helpers import REPO
-    from test_distributed import free_port
+    from helpers import free_port
 
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if launcher is None:

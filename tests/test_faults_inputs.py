@@ -1,6 +1,6 @@
 """The fault matrix, part 2 (issue 15): damaged adapters and run files, misleading messages, interrupts.
 
-Same contract as test_faults.py (whose helpers and tiny finished run this module reuses): exit code, one
+Same contract as test_faults.py (helpers in tests/helpers.py, the tiny finished run in conftest.py): exit code, one
 "error:" line without a traceback, the files that were there unchanged.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ import torch
 
 from helpers import make_tokenizer, tiny_llama
 from neuroada_cli.cli import main
-from test_faults import _truncate, fails, fresh_log_handler, overrides, run, setup, tree_hash  # noqa: F401 (fixtures)
+from helpers import fails, overrides, tree_hash, truncate
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handler")  # fixtures setup / run: conftest.py
 
 
 # -------------------------------------------------------------------------------- damaged inputs
@@ -24,8 +26,8 @@ def _edit_config(run: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("damage, expected", [
-    (lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"), "adapter_model.safetensors' is damaged"),
-    (lambda run: _truncate(run / "adapter" / "adapter_config.json"), "adapter_config.json' is damaged"),
+    (lambda run: truncate(run / "adapter" / "adapter_model.safetensors"), "adapter_model.safetensors' is damaged"),
+    (lambda run: truncate(run / "adapter" / "adapter_config.json"), "adapter_config.json' is damaged"),
     (lambda run: (run / "adapter" / "adapter_config.json").write_text("[1, 2]"), "not a JSON object"),
     (lambda run: _edit_config(run, k=2), "k=2 needs [d_out, 2]"),
     (lambda run: _edit_config(run, peft_type="LORA"), "is not a NeuroAda adapter config"),
@@ -128,7 +130,7 @@ def test_interrupt_before_the_first_checkpoint_says_there_is_none(setup, tmp_pat
 def test_damaged_lora_adapter_names_its_folder(setup, tmp_path, capsys):
     out = tmp_path / "lora"
     assert main(["train", *overrides(setup, out, steps=2, checkpoint_every=0), "method=lora", "lora.r=2"]) == 0
-    _truncate(out / "adapter" / "adapter_model.safetensors")
+    truncate(out / "adapter" / "adapter_model.safetensors")
     before = tree_hash(out)
     line = fails(capsys, ["eval", f"run={out}", "eval.tasks=[boolq]", "eval.limit=1"])
     assert f"LoRA adapter '{out / 'adapter'}' is damaged" in line

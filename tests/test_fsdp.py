@@ -232,7 +232,7 @@ def test_unknown_strategy_rejected_by_config():
 def test_cli_fsdp_equals_one_process(tiny_llama_dir, tmp_path):
     """The recipe end to end: accelerate launch, trainer.strategy=fsdp, against one process (~1 min)."""
     from helpers import deltas, tiny_overrides, write_train_rows
-    from test_distributed import accelerate_launch
+    from helpers import accelerate_launch
 
     overrides = tiny_overrides(tiny_llama_dir, write_train_rows(tmp_path / "data"), tmp_path / "unused", steps=3)
     overrides = [o for o in overrides if not o.startswith("trainer.output_dir")]

@@ -167,7 +167,7 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sddmm_strategies_agree_with_dense_product(dtype):
-    from neuroada_cli.method.layer import sddmm_columns, sddmm_gather, sddmm_sparse, sampled_delta_grad
+    from neuroada_cli.method.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse, sampled_delta_grad
 
     torch.manual_seed(0)
     grad_out, inputs = torch.randn(37, 11, dtype=dtype), torch.randn(37, 23, dtype=dtype)

@@ -148,7 +148,7 @@ def test_fused_matches_reference_in_outputs_and_delta_grads(overrides):
 
 
 def test_cell_grad_fallback_matches_sampled_addmm(monkeypatch):
-    from neuroada_cli.method import layer as layer_module
+    from neuroada_cli.method import sddmm as layer_module
 
     grad_out, inputs = torch.randn(9, 4), torch.randn(9, 6)
     counts = torch.tensor([0, 3, 1, 2])
@@ -262,3 +262,27 @@ def test_a_layer_left_without_cells_by_global_scope_still_trains_and_reloads():
     model(torch.randn(2, 8))
     assert torch.equal(layers["up_proj"].base_layer.weight, pristine)
     assert count_parameters(model).bypass == 24
+
+
+@pytest.mark.parametrize("config", [dict(scope="layer"), dict(scope="global", selection="random"),
+                                    dict(neuron_fraction=0.5)])
+def test_general_layouts_round_trip_through_the_adapter_file(tmp_path, config):
+    """save_adapter / load_adapter keep the cells (row counts, columns) and the deltas of an unequal-rows layout."""
+    from helpers import adapted as adapted_arch
+    from helpers import arch_batch, build_arch
+
+    from neuroada_cli import load_adapter, save_adapter
+
+    model = adapted_arch("llama", **config)
+    save_adapter(model, tmp_path / "adapter")
+    fresh, _ = build_arch("llama")
+    loaded = load_adapter(fresh, tmp_path / "adapter")
+    inputs = arch_batch("llama")
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    saved_layers, loaded_layers = neuroada_layers(model), neuroada_layers(loaded)
+    assert saved_layers.keys() == loaded_layers.keys()
+    for name, layer in saved_layers.items():
+        other = loaded_layers[name]
+        assert torch.equal(layer.neuroada_row_counts, other.neuroada_row_counts)
+        assert torch.equal(layer.neuroada_idx, other.neuroada_idx)
+        assert torch.equal(layer.neuroada_delta, other.neuroada_delta)

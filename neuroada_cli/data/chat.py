@@ -19,7 +19,7 @@ SmolLM2-Instruct: ``<|im_start|>assistant\\n`` is the prompt, ``Hello there<|im_
 from __future__ import annotations
 
 from ..errors import UserError
-from .tokenize import IGNORE_INDEX
+from . import IGNORE_INDEX
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 
 from ..errors import UserError
+from . import IGNORE_INDEX
+from .chat import tokenize_chats
 from .prompts import build_prompt, build_target
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 MIN_MAX_LENGTH = 8  # the one lower bound on data.max_length (config validation and every tokeniser use it)
 
 
@@ -95,7 +96,6 @@ def tokenize_records(records: list[dict], tokenizer, max_length: int, train_on_p
     Pairs go through ``tokenize_pairs``, conversations through the chat template (data/chat.py); examples
     without a target token left are dropped as in ``tokenize_rows``.
     """
-    from .chat import tokenize_chats
 
     check_max_length(max_length)
     chats = [index for index, record in enumerate(records) if "messages" in record]

@@ -53,6 +53,9 @@ class AdapterContents:
     deltas: dict[str, torch.Tensor]
     fingerprints: dict[str, torch.Tensor]  # layer name -> [3] float64
     shapes: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # known only for legacy files
+    # general cell layout (scope=layer|global, neuron_fraction < 1): layer -> [d_out] cells per row; its
+    # indices and deltas are then 1-D [n] in CSR order (see NeuroAdaLinear)
+    row_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     saved_modules: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> value
 
@@ -68,6 +71,9 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], NeuroAdaPe
         key = PEFT_KEY_PREFIX + name
         tensors[f"{key}.neuroada_delta"] = layer.neuroada_delta.detach().float().cpu().contiguous()
         tensors[f"{key}.neuroada_indices"] = layer.neuroada_idx.to(index_dtype(layer.in_features)).cpu().contiguous()
+        if layer.neuroada_row_counts is not None:  # counts <= d_in, so the index dtype holds them
+            counts = layer.neuroada_row_counts.to(index_dtype(layer.in_features)).cpu().contiguous()
+            tensors[f"{key}.neuroada_row_counts"] = counts
         tensors[f"{key}.neuroada_fingerprint"] = fingerprint(layer.neuroada_orig)
         if config.train_bias and layer.base_layer.bias is not None:
             tensors[f"{key}.base_layer.bias"] = layer.base_layer.bias.detach().cpu().contiguous()
@@ -156,6 +162,15 @@ def _check_contents(contents: AdapterContents, path: Path) -> None:
                             "restore the adapter from its run or retrain it")
     for name in sorted(layers):
         idx, delta = contents.indices[name], contents.deltas[name]
+        if name in contents.row_counts:
+            counts = contents.row_counts[name]
+            if idx.ndim != 1 or idx.shape != delta.shape or counts.ndim != 1 or int(counts.sum()) != idx.numel() \
+                    or (counts.numel() and int(counts.min()) < 0):
+                raise UserError(f"{where!r} is damaged: layer {name!r} has {idx.numel()} cells but row counts summing "
+                                f"to {int(counts.sum())} (or deltas {tuple(delta.shape)}); retrain the adapter")
+            if idx.numel() and int(idx.min()) < 0:
+                raise UserError(f"{where!r} is damaged: layer {name!r} has negative input indices; retrain the adapter")
+            continue
         if idx.ndim != 2 or idx.shape != delta.shape or idx.shape[1] != k:
             raise UserError(f"adapter {str(path)!r} does not match its config: layer {name!r} has indices "
                             f"{tuple(idx.shape)} and deltas {tuple(delta.shape)}, but k={k} needs [d_out, {k}]; "
@@ -169,13 +184,15 @@ def _from_peft(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterContents:
                                    and k not in ("peft_type", "auto_mapping")}).to_neuroada()
     contents = AdapterContents(config=config, base_model=meta.get("base_model_name_or_path"),
                                indices={}, deltas={}, fingerprints={})
-    suffixes = (".neuroada_delta", ".neuroada_indices", ".neuroada_fingerprint")
+    suffixes = (".neuroada_delta", ".neuroada_indices", ".neuroada_fingerprint", ".neuroada_row_counts")
     for key, value in tensors.items():
         name = key.removeprefix(PEFT_KEY_PREFIX)
         if name.endswith(".neuroada_indices"):
             contents.indices[name.removesuffix(".neuroada_indices")] = value.long()
         elif name.endswith(".neuroada_delta"):
             contents.deltas[name.removesuffix(".neuroada_delta")] = value
+        elif name.endswith(".neuroada_row_counts"):
+            contents.row_counts[name.removesuffix(".neuroada_row_counts")] = value.long()
         elif name.endswith(".neuroada_fingerprint"):
             contents.fingerprints[name.removesuffix(".neuroada_fingerprint")] = value
         elif name.endswith(".base_layer.bias"):
@@ -204,19 +221,21 @@ def _check_shapes(model: nn.Module, contents: AdapterContents, where: str) -> No
     modules = dict(model.named_modules())
     for name, idx in contents.indices.items():
         module = modules.get(name)
-        expected = contents.shapes.get(name) or (idx.shape[0], None)
+        rows = contents.row_counts[name].shape[0] if name in contents.row_counts else idx.shape[0]
+        expected = contents.shapes.get(name) or (rows, None)
+        top = int(idx.max()) if idx.numel() else -1  # a layer may hold no cell (scope=global)
         fits = isinstance(module, nn.Linear) and module.out_features == expected[0] and (
-            expected[1] is None or module.in_features == expected[1]) and int(idx.max()) < module.in_features
+            expected[1] is None or module.in_features == expected[1]) and top < module.in_features
         if not fits:
             base = f" (trained on {contents.base_model})" if contents.base_model else ""
             if not isinstance(module, nn.Linear):
                 raise UserError(f"adapter {where!r}{base} adapts layer {name!r}, which this model does not have "
                                 "(another architecture); load it onto the model it was trained on")
             found = (module.out_features, module.in_features)
-            if module.out_features == expected[0] and int(idx.max()) >= module.in_features:
-                raise UserError(f"adapter {where!r}{base} selects input {int(idx.max())} of layer {name!r}, which has "
+            if module.out_features == expected[0] and top >= module.in_features:
+                raise UserError(f"adapter {where!r}{base} selects input {top} of layer {name!r}, which has "
                                 f"{module.in_features} inputs; the adapter is damaged or belongs to another model")
-            wanted = tuple(expected) if expected[1] is not None else f"({expected[0]}, >{int(idx.max())})"
+            wanted = tuple(expected) if expected[1] is not None else f"({expected[0]}, >{top})"
             raise UserError(f"adapter {where!r}{base} expects layer {name!r} of shape {wanted}, this model has "
                             f"{found}; load it onto the model it was trained on")
 
@@ -232,7 +251,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, impl: str | None 
     where = str(path)
     config = contents.config if not impl else NeuroAdaConfig.from_dict({**contents.config.to_dict(), "impl": impl})
     _check_shapes(model, contents, where)
-    inject(model, config, indices=contents.indices)
+    inject(model, config, indices={name: (contents.row_counts[name], idx) if name in contents.row_counts else idx
+                                   for name, idx in contents.indices.items()})
     layers = neuroada_layers(model)
     for name, layer in layers.items():
         expected = contents.fingerprints.get(name)
