@@ -343,16 +343,12 @@ def test_all_linear_is_every_linear_but_the_output_head(arch):
 
 
 def test_neuroada_and_lora_attach_all_linear():
-    from omegaconf import OmegaConf
-
+    from neuroada_cli import config
     from neuroada_cli.method.layer import NeuroAdaLinear
     from neuroada_cli.methods import get_method
 
-    cfg = OmegaConf.create({
-        "task": {"kind": "causal_lm"},
-        "neuroada": {"k": 2, "selection": "magnitude", "target_modules": "all-linear", "train_bias": False,
-                     "modules_to_save": [], "seed": 0, "impl": "fused"},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["all-linear"], "modules_to_save": None}})
+    cfg = config.validate(config.compose(None, ["neuroada.k=2", "neuroada.target_modules=all-linear", "lora.r=2",
+                                                "lora.alpha=4", "lora.dropout=0.0", "lora.target_modules=[all-linear]"]))
     adapted = get_method("neuroada").attach(cfg, tiny_llama())
     layers = {name for name, module in adapted.named_modules() if isinstance(module, NeuroAdaLinear)}
     assert len(layers) == 2 * 7 and not any("lm_head" in name for name in layers)
