@@ -167,29 +167,27 @@ def evaluate(args: list[str]) -> int:
     return 0
 
 
-def export(args: list[str]) -> int:
+def _run_and_output(args: list[str], command: str) -> tuple[str, str | None]:
+    """``run=DIR [output=PATH]`` of export and inspect; anything else is a one-line error."""
     popped, rest = split_named(args, ("run", "output"))
     if rest:
-        raise UserError(f"unexpected argument {rest[0]!r}; usage: neuroada export run=DIR [output=PATH]")
+        raise UserError(f"unexpected argument {rest[0]!r}; usage: neuroada {command} run=DIR [output=PATH]")
     if "run" not in popped:
-        raise UserError("neuroada export needs run=DIR (a training run directory)")
+        raise UserError(f"neuroada {command} needs run=DIR (a training run directory)")
+    return popped["run"], popped.get("output")
+
+
+def export(args: list[str]) -> int:
     from .export import export as export_run
 
-    out = export_run(popped["run"], popped.get("output"))
-    say(f"merged model written to {out}")
+    say(f"merged model written to {export_run(*_run_and_output(args, 'export'))}")
     return 0
 
 
 def inspect(args: list[str]) -> int:
-    popped, rest = split_named(args, ("run", "output"))
-    if rest:
-        raise UserError(f"unexpected argument {rest[0]!r}; usage: neuroada inspect run=DIR [output=PATH]")
-    if "run" not in popped:
-        raise UserError("neuroada inspect needs run=DIR (a training run directory)")
     from .inspect_run import inspect_run
 
-    out = inspect_run(popped["run"], popped.get("output"))
-    say(f"plots and report written to {out}")
+    say(f"plots and report written to {inspect_run(*_run_and_output(args, 'inspect'))}")
     return 0
 
 
