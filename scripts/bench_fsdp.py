@@ -23,16 +23,9 @@ import subprocess
 import sys
 import time
 
+from bench_train_step import TARGETS, rss_kb  # scripts/ is on sys.path when a script (or its worker) runs
+
 COLUMNS = ("param_mb", "after_setup_mb", "peak_mb", "peak_minus_runtime_mb", "setup_peak_mb", "step_s")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def rss_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def build(args, meta: bool):

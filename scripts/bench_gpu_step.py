@@ -27,7 +27,8 @@ import time
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from bench_train_step import adapt  # scripts/ is on sys.path when a script runs
+
 VARIANTS = [("floor", None), ("neuroada", 1), ("neuroada", 20), ("reference", 1), ("reference", 20), ("lora", None)]
 
 
@@ -41,17 +42,7 @@ def build(args, variant: str, k: int | None):
     with torch.device(args.device):
         model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     model.train()
-    if variant == "floor":
-        model.requires_grad_(False)
-    elif variant in ("neuroada", "reference"):
-        from neuroada_cli import NeuroAdaConfig, inject
-
-        inject(model, NeuroAdaConfig(k=k, target_modules=TARGETS, impl="fused" if variant == "neuroada" else "reference"))
-    elif variant == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-    return model
+    return adapt(model, variant, k)  # the same variants as the CPU step benchmark
 
 
 def measured(args, variant: str, k: int | None) -> dict:

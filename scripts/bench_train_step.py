@@ -50,20 +50,12 @@ def reset_peak() -> None:
         handle.write("5")
 
 
-def run_variant(args) -> dict:
+def adapt(model, variant: str, k: int | None):
+    """The model as one benchmark variant trains it: floor (frozen, input grads only), neuroada / reference
+    (fused / materialising), neuroada_peft, masked in-place sparse tuning, or PEFT LoRA r=8. Also used by
+    bench_gpu_step.py."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                         num_key_value_heads=args.hidden // 128, max_position_embeddings=args.seq)
-    model = LlamaForCausalLM(config)
-    model.train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    variant, k = args.variant, args.k[0]
-    optimizer = None
     if variant == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -95,6 +87,24 @@ def run_variant(args) -> dict:
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     else:
         raise SystemExit(f"unknown variant {variant}")
+    return model
+
+
+def run_variant(args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                         num_key_value_heads=args.hidden // 128, max_position_embeddings=args.seq)
+    model = LlamaForCausalLM(config)
+    model.train()
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    variant, k = args.variant, args.k[0]
+    optimizer = None
+    model = adapt(model, variant, k)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if trainable:
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
