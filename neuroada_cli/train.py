@@ -63,7 +63,7 @@ from .config import accumulation_steps, eval_config_for_run
 from .data.batching import BatchPlan, split_global_batch
 from .errors import UserError
 from .kinds import get_kind
-from .methods import counts_line, get_method
+from .methods import counts_line, get_method, load_base
 from .nonfinite import NonFiniteGuard, gradient_norm
 from .resume import resume_changes, resume_point
 from .stopwatch import Stopwatch
@@ -162,17 +162,11 @@ class TrainingRecipe:
 
     def _load_model(self, empty: bool = False):
         """fsdp: only process 0 reads the weights (first: it may convert a GGUF once); the others build on meta."""
-        from .models import load_model_and_tokenizer
-
-        cfg = self.cfg
-        saved = self.resume_from[1] / "adapter" if self.resume_from is not None else None
-        source, gguf_file = self.method.base_source(cfg, saved)  # full fine-tuning resumes from its saved model
+        saved = self.resume_from[1] / "adapter" if self.resume_from is not None else None  # full: its saved model
         empty = empty or (self.fsdp and not self.is_main)
         if self.fsdp and not self.is_main:
             self.accelerator.wait_for_everyone()  # process 0 loads (and caches) first
-        loaded = load_model_and_tokenizer(source, kind=self.kind.name, dtype=cfg.model.dtype, gguf_file=gguf_file,
-                                          family=cfg.model.family, attn_implementation=cfg.model.attn_implementation,
-                                          empty=empty, **self.kind.model_options())
+        loaded = load_base(self.cfg, saved, kind=self.kind, empty=empty)
         if self.fsdp and self.is_main and not empty:
             self.accelerator.wait_for_everyone()
         return loaded

@@ -89,13 +89,7 @@ def load_trained(cfg, adapter_dir: str | os.PathLike | None, *, merge: bool, mod
     if adapter is not None and not adapter.is_dir():
         raise UserError(f"adapter {str(adapter_dir)!r} not found; pass the adapter/ folder of a training run")
     if model is None:
-        from ..models import load_model_and_tokenizer
-
-        source, gguf_file = method.base_source(cfg, adapter)
-        model, tokenizer = load_model_and_tokenizer(
-            source, kind=config_value(cfg, "task.kind", "causal_lm"), dtype=config_value(cfg, "model.dtype", "float32"),
-            gguf_file=gguf_file, family=config_value(cfg, "model.family", "auto"),
-            attn_implementation=config_value(cfg, "model.attn_implementation"), **_kind_options(cfg))
+        model, tokenizer = load_base(cfg, adapter)
         model = method.load_for_eval(cfg, model, adapter) if adapter is not None else model
     elif adapter is not None:
         model = method.load_for_eval(cfg, model, adapter)
@@ -110,11 +104,19 @@ def load_trained(cfg, adapter_dir: str | os.PathLike | None, *, merge: bool, mod
     return model, tokenizer, info
 
 
-def _kind_options(cfg) -> dict:
-    """The task kind's extra load options (classification: num_labels, problem_type)."""
+def load_base(cfg, adapter_dir: Path | None, *, kind=None, empty: bool = False):
+    """(model, tokenizer): the base the run's method needs (full fine-tuning: its saved model), loaded with the
+    config's model keys and the task kind's head options; ``empty`` builds it on the meta device (fsdp).
+    The one place training, eval and export turn a config into a loaded base."""
     from ..kinds import get_kind
+    from ..models import load_model_and_tokenizer
 
-    return get_kind(config_value(cfg, "task.kind", "causal_lm")).from_config(cfg).model_options()
+    kind = kind or get_kind(config_value(cfg, "task.kind", "causal_lm")).from_config(cfg)
+    source, gguf_file = get_method(config_value(cfg, "method", "neuroada")).base_source(cfg, adapter_dir)
+    return load_model_and_tokenizer(
+        source, kind=kind.name, dtype=config_value(cfg, "model.dtype", "float32"), gguf_file=gguf_file,
+        family=config_value(cfg, "model.family", "auto"),
+        attn_implementation=config_value(cfg, "model.attn_implementation"), empty=empty, **kind.model_options())
 
 
 def _fingerprint(folder: Path | None) -> str | None:
