@@ -60,6 +60,11 @@ class LoraSection:
 
 
 @dataclass
+class HeadSection:  # method=head: a linear probe
+    modules_to_save: List[str] = field(default_factory=lambda: ["classifier"])  # the modules that train
+
+
+@dataclass
 class TaskSection:
     name: str = "commonsense"
     kind: str = "causal_lm"
@@ -146,6 +151,7 @@ class RunConfig:
     task: TaskSection = field(default_factory=TaskSection)
     neuroada: NeuroAdaSection = field(default_factory=NeuroAdaSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    head: HeadSection = field(default_factory=HeadSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
@@ -264,6 +270,9 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     _require(lo.alpha > 0, f"lora.alpha={lo.alpha} must be > 0")
     _require(0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
     check_target_modules(lo.target_modules, "lora.target_modules")
+    heads = cfg.head.modules_to_save
+    _require(bool(heads) and all(isinstance(h, str) and h for h in heads),
+             f"head.modules_to_save={list(heads)!r} is not valid; name the modules that train, e.g. [classifier]")
     d = cfg.data
     check_max_length(d.max_length, "data.max_length")
     _require(d.train_limit is None or d.train_limit >= 1, f"data.train_limit={d.train_limit} must be >= 1 or null")

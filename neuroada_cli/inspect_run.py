@@ -232,7 +232,7 @@ def _read_json(path: Path) -> dict:
 
 
 def run_method(run_info: dict, adapter_dir: Path) -> str:
-    """neuroada | lora | full | unknown: run.json's method, else what the adapter folder looks like."""
+    """neuroada | lora | full | head | unknown: run.json's method, else what the adapter folder looks like."""
     if run_info.get("method"):
         return str(run_info["method"])
     config = _read_json(adapter_dir / "adapter_config.json")
@@ -241,6 +241,8 @@ def run_method(run_info: dict, adapter_dir: Path) -> str:
         return "neuroada"
     if kind:
         return kind
+    if (adapter_dir / "head_config.json").is_file():
+        return "head"
     return "full" if (adapter_dir / "config.json").is_file() else "unknown"
 
 

@@ -1,8 +1,14 @@
 """The GLUE study of issue 14: does NeuroAda's per-neuron placement matter, and what is it worth?
 
 all-MiniLM-L6-v2 (recipe minilm_glue) on SST-2, MRPC, STS-B, CoLA and RTE; training sets capped at a seeded
-5k rows (data.train_limit; the subset follows trainer.seed); the LoReFT split (validation cut into a
-selection part, used for the best epoch and the learning rate, and a report part, the score); 3 seeds.
+2k rows for 1 epoch (data.train_limit, trainer.epochs; the subset follows trainer.seed); the LoReFT split
+(validation cut into a selection part, used for the best epoch and the learning rate, and a report part,
+the score); 3 seeds.
+
+Size: 165 jobs (30 of them the seed-0 learning-rate grid). At the defaults that is about 1.5 hours on the
+2-core machine with --workers 2 (two 1-thread jobs side by side do 1.46x the jobs/hour of one 2-thread job).
+The cost is linear in --train-limit and --epochs (training time; ~15 s per job is start-up and evaluation),
+in --seeds and in the grid; the issue's 5k rows x 2 epochs is about 4-5x the training time.
 
 Core methods (all five tasks): classifier head only, full fine-tuning, LoRA r=8 on query/value and on all
 linears, NeuroAda k=1 and k=20. Ablations (SST-2, MRPC, STS-B) at k=20's budget (d_out x 20 cells per layer):
@@ -21,7 +27,8 @@ cleanly with --chunk N (jobs) or --max-minutes M (no job starts that would end p
 summary.png from whatever has finished.
 
 Usage:
-  python scripts/study_glue.py --root outputs/study_glue --max-minutes 80      # one working session's chunk
+  python scripts/study_glue.py --root outputs/study_glue                       # all of it (~1.5 h here)
+  python scripts/study_glue.py --root outputs/study_glue --max-minutes 80      # one chunk; run again to go on
   python scripts/study_glue.py --root outputs/study_glue --summary             # tables + plot
   python scripts/study_glue.py --root /tmp/s --tasks rte --seeds 1 --train-limit 64 --epochs 1  # smoke test
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,7 +50,7 @@ ALL_LINEAR = "all-linear"
 
 # method -> (its overrides, its learning-rate grid key); NeuroAda's target modules and heads come from the recipe
 METHODS = {
-    "head only": (["neuroada.target_modules=[]"], "head"),
+    "head only": (["method=head"], "head"),
     "full": (["method=full"], "full"),
     "lora qv r8": (["method=lora", "lora.r=8", "lora.alpha=16"], "lora"),
     "lora all r8": (["method=lora", "lora.r=8", "lora.alpha=16", f"lora.target_modules={ALL_LINEAR}"], "lora"),
@@ -57,7 +65,7 @@ ABLATIONS = {
     "k40 half coverage": ["neuroada.k=40", "neuroada.neuron_fraction=0.5"],
 }
 LR_GRID = {  # two points around the published / usual value of each method family
-    "head": (1e-3, 5e-3),
+    "head": (5e-3, 2e-2),
     "full": (2e-5, 1e-4),
     "lora": (5e-4, 2e-3),
     "neuroada k1": (5e-3, 2e-2),
@@ -136,43 +144,69 @@ class Study:
                 "eval.after_train=true", f"trainer.output_dir={run}"]
 
     def run_all(self) -> None:
-        started, done_now = time.monotonic(), 0
+        """Keep --workers jobs running (each on cores/workers threads) until nothing is left or a limit stops it."""
+        started, done_now, running = time.monotonic(), 0, {}  # run dir -> (process, log file, job, start time)
+        stopping = None
         while True:
             jobs = self.planned()
-            todo = [j for j in jobs if j[3] is not None and not self.finished(self.run_dir(*j))]
-            todo = [j for j in todo if self.run_dir(*j) not in self.failed_now]
+            todo = [j for j in jobs if j[3] is not None and not self.finished(self.run_dir(*j))
+                    and self.run_dir(*j) not in self.failed_now and self.run_dir(*j) not in running]
             waiting = sum(1 for j in jobs if j[3] is None)
-            self.print_eta(len(todo) + waiting)
-            if not todo:
-                print(f"nothing left to run now ({waiting} jobs wait for a grid that failed)" if waiting else "all done")
-                return
             mean = self.mean_job_seconds()
             elapsed_min = (time.monotonic() - started) / 60
-            if self.args.chunk is not None and done_now >= self.args.chunk:
-                print(f"stopping: --chunk {self.args.chunk} jobs done; run again to continue")
+            if stopping is None and self.args.chunk is not None and done_now + len(running) >= self.args.chunk:
+                stopping = f"--chunk {self.args.chunk} jobs started"
+            if stopping is None and self.args.max_minutes is not None and \
+                    elapsed_min + (mean or 0) / 60 > self.args.max_minutes:
+                stopping = f"the next job would end past --max-minutes {self.args.max_minutes}"
+            if todo and stopping is None and len(running) < self.args.workers:
+                if not running:
+                    self.print_eta(len(todo) + waiting)
+                job = todo[0]
+                running[self.run_dir(*job)] = self.start_job(*job)
+                continue
+            if not running:
+                if stopping:
+                    print(f"stopping: {stopping}; run again to continue")
+                elif waiting:
+                    print(f"nothing left to run now ({waiting} jobs wait for a grid that failed)")
+                else:
+                    print("all done")
                 return
-            if self.args.max_minutes is not None and elapsed_min + (mean or 0) / 60 > self.args.max_minutes:
-                print(f"stopping: the next job would end past --max-minutes {self.args.max_minutes}; run again")
-                return
-            self.run_job(*todo[0])
+            self.wait_one(running)
             done_now += 1
+            self.print_eta(len(todo) + waiting + len(running))
 
-    def run_job(self, task: str, method: str, seed: int, lr: float) -> None:
+    def start_job(self, task: str, method: str, seed: int, lr: float):
         run = self.run_dir(task, method, seed, lr)
         if run.exists():  # a half-written run (interrupted): start it again from scratch
             shutil.rmtree(run)
         run.parent.mkdir(parents=True, exist_ok=True)
         print(f"[study] {task} / {method} / seed {seed} / lr {lr:g} -> {run}", flush=True)
-        began = time.monotonic()
-        with open(run.parent / f"{run.name}.log", "w") as log:
-            code = subprocess.call(self.command(task, method, seed, lr, run), stdout=log, stderr=subprocess.STDOUT)
-        seconds = time.monotonic() - began
-        with open(self.root / "jobs.jsonl", "a") as record:
-            record.write(json.dumps({"run": str(run), "seconds": seconds, "rc": code}) + "\n")
-        if code != 0:
-            self.failed_now.add(run)
-            print(f"[study] FAILED (exit {code}); see {run.parent / (run.name + '.log')}; retried on the next "
-                  "invocation", flush=True)
+        threads = max(1, (os.cpu_count() or 1) // self.args.workers)
+        log = open(run.parent / f"{run.name}.log", "w")
+        process = subprocess.Popen(self.command(task, method, seed, lr, run), stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        return process, log, time.monotonic()
+
+    def wait_one(self, running: dict) -> None:
+        """Block until one running job ends; record its time and exit status."""
+        while True:
+            for run, (process, log, began) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[run]
+                with open(self.root / "jobs.jsonl", "a") as record:
+                    record.write(json.dumps({"run": str(run), "seconds": time.monotonic() - began, "rc": code,
+                                             "workers": self.args.workers}) + "\n")
+                if code != 0:
+                    self.failed_now.add(run)
+                    print(f"[study] FAILED (exit {code}); see {run.parent / (run.name + '.log')}; retried on the "
+                          "next invocation", flush=True)
+                return
+            time.sleep(1)
 
     def job_records(self) -> list[dict]:
         path = self.root / "jobs.jsonl"
@@ -183,8 +217,9 @@ class Study:
         return statistics.mean(times) if times else None
 
     def print_eta(self, remaining: int) -> None:
-        mean = self.mean_job_seconds()
-        eta = "unknown until one job finished" if mean is None else f"{remaining * mean / 3600:.1f} h"
+        mean = self.mean_job_seconds()  # wall seconds of one job while --workers run side by side
+        eta = "unknown until one job finished" if mean is None else \
+            f"{remaining * mean / self.args.workers / 3600:.1f} h"
         print(f"[study] {remaining} jobs left; mean job {mean or 0:.0f} s; ETA {eta}", flush=True)
 
 
@@ -195,9 +230,12 @@ def parse_args(argv=None):
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None,
                         help=f"subset of: {', '.join(list(METHODS) + list(ABLATIONS))}")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--train-limit", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-limit", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="jobs side by side, each on cores/workers threads (2 x 1 thread: 1.46x the jobs/hour of "
+                             "1 x 2 threads on the 2-core machine)")
     parser.add_argument("--chunk", type=int, default=None, help="run at most this many jobs, then stop")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no job that would end past this")
     parser.add_argument("--summary", action="store_true", help="only write summary.md and summary.png")
@@ -234,6 +272,10 @@ CLAIMS = (  # (claim, the method it is about, what it is compared with, tasks)
     ("(c) full vs half neuron coverage, same budget", "neuroada k20", ("k40 half coverage",), ABLATION_TASKS),
     ("(d) magnitude vs random vs reverse selection (per neuron)", "neuroada k20",
      ("k20 random neuron", "k20 reverse"), ABLATION_TASKS),
+    ("(e) NeuroAda k=20 vs full fine-tuning (the paper: it matches full with a fraction of the parameters)",
+     "neuroada k20", ("full",), TASKS),
+    ("(f) what the bypasses add: NeuroAda k=20 vs k=1 vs the head alone", "neuroada k20",
+     ("neuroada k1", "head only"), TASKS),
 )
 
 
@@ -271,19 +313,40 @@ def average(table: dict, method: str, tasks) -> float | None:
     return statistics.mean(means) if len(means) == len(tasks) and means else None
 
 
+def spread(table: dict, method: str, tasks) -> float | None:
+    """Mean over tasks of the seed standard deviation: the noise a difference of averages has to beat."""
+    stds = [statistics.stdev(table[(t, method)]["scores"]) for t in tasks
+            if len(table.get((t, method), {}).get("scores") or []) > 1]
+    return statistics.mean(stds) if stds else None
+
+
+def verdict(table: dict, subject: str, other: str, tasks) -> str:
+    """"yes" / "no" when the averages differ by more than the seed noise of both, else "within noise";
+    with how many tasks the subject wins."""
+    mine, theirs = average(table, subject, tasks), average(table, other, tasks)
+    if mine is None or theirs is None:
+        return "-"
+    wins = sum(statistics.mean(table[(t, subject)]["scores"]) > statistics.mean(table[(t, other)]["scores"])
+               for t in tasks)
+    noise = max(spread(table, subject, tasks) or 0.0, spread(table, other, tasks) or 0.0)
+    word = "within noise" if abs(mine - theirs) <= noise else ("yes" if mine > theirs else "no")
+    return f"{word} ({mine - theirs:+.2f}; wins {wins}/{len(tasks)} tasks; seed std {noise:.2f})"
+
+
 def claims_lines(table: dict, tasks: list[str]) -> list[str]:
-    lines = ["| claim | method: avg score | compared with: avg score | holds here? |", "|---|---|---|---|"]
+    lines = ["| claim | method: avg | compared with: avg | does the method win? (difference; tasks won; noise) |",
+             "|---|---|---|---|"]
     for claim, subject, others, claim_tasks in CLAIMS:
         claim_tasks = [t for t in claim_tasks if t in tasks]
         mine = average(table, subject, claim_tasks)
         if mine is None or not claim_tasks:
             lines.append(f"| {claim} | {subject}: not finished | | |")
             continue
-        theirs = {o: average(table, o, claim_tasks) for o in others}
-        shown = ", ".join(f"{o}: {'-' if v is None else f'{v:.2f}'}" for o, v in theirs.items())
-        known = [v for v in theirs.values() if v is not None]
-        verdict = "-" if not known else ("yes" if all(mine >= v for v in known) else "no")
-        lines.append(f"| {claim} (over {', '.join(claim_tasks)}) | {subject}: {mine:.2f} | {shown} | {verdict} |")
+        for other in others:
+            theirs = average(table, other, claim_tasks)
+            lines.append(f"| {claim} (over {', '.join(claim_tasks)}) | {subject}: {mine:.2f} | "
+                         f"{other}: {'-' if theirs is None else f'{theirs:.2f}'} | "
+                         f"{verdict(table, subject, other, claim_tasks)} |")
     return lines
 
 
@@ -313,27 +376,37 @@ def write_summary(study: Study) -> None:
 
 
 def plot(table: dict, tasks: list[str], methods: list[str], path: Path) -> None:
+    """Two panels: the core methods on every task, the placement ablations (with NeuroAda k=20) on theirs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(max(6, 1.8 * len(tasks)), 4.5))
-    width = 0.8 / max(1, len(methods))
-    for number, method in enumerate(methods):
-        means, spreads, where = [], [], []
-        for position, task in enumerate(tasks):
-            scores = table.get((task, method), {}).get("scores") or []
-            if scores:
-                where.append(position + number * width)
-                means.append(statistics.mean(scores))
-                spreads.append(statistics.stdev(scores) if len(scores) > 1 else 0.0)
-        axis.bar(where, means, width, yerr=spreads, label=method, capsize=2)
-    axis.set_xticks([p + 0.4 - width / 2 for p in range(len(tasks))], tasks)
-    axis.set_ylabel("report-part score x 100")
-    axis.legend(fontsize=7, ncol=2)
+    core = [m for m in methods if m in METHODS]
+    ablation = (["neuroada k20"] if "neuroada k20" in methods else []) + [m for m in methods if m in ABLATIONS]
+    panels = [(core, tasks, "core methods")]
+    if len(ablation) > 1:
+        panels.append((ablation, [t for t in tasks if t in ABLATION_TASKS], "same budget as k=20, placed elsewhere"))
+    palette = plt.get_cmap("tab20").colors
+    colour = {method: palette[number % len(palette)] for number, method in enumerate(methods)}  # same in both panels
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for axis, (names, panel_tasks, title) in zip(axes[0], panels):
+        width = 0.8 / max(1, len(names))
+        for number, method in enumerate(names):
+            means, spreads, where = [], [], []
+            for position, task in enumerate(panel_tasks):
+                scores = table.get((task, method), {}).get("scores") or []
+                if scores:
+                    where.append(position + number * width)
+                    means.append(statistics.mean(scores))
+                    spreads.append(statistics.stdev(scores) if len(scores) > 1 else 0.0)
+            axis.bar(where, means, width, yerr=spreads, label=method, capsize=2, color=colour[method])
+        axis.set_xticks([p + 0.4 - width / 2 for p in range(len(panel_tasks))], panel_tasks)
+        axis.set_ylabel("report-part score x 100 (mean ± std over seeds)")
+        axis.set_title(title)
+        axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

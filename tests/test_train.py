@@ -167,9 +167,9 @@ def test_unknown_method_or_kind_names_the_valid_ones():
     from neuroada_cli.kinds import KIND_NAMES, get_kind
     from neuroada_cli.methods import METHOD_NAMES, get_method
 
-    assert METHOD_NAMES == ("neuroada", "lora", "full")
+    assert METHOD_NAMES == ("neuroada", "lora", "full", "head")
     assert KIND_NAMES == ("causal_lm", "sequence_classification")
-    with pytest.raises(UserError, match="method='nope'.*neuroada, lora, full"):
+    with pytest.raises(UserError, match="method='nope'.*neuroada, lora, full, head"):
         get_method("nope")
     with pytest.raises(UserError, match="task.kind='nope'.*causal_lm, sequence_classification"):
         get_kind("nope")
@@ -177,14 +177,15 @@ def test_unknown_method_or_kind_names_the_valid_ones():
     assert [get_kind(name).name for name in KIND_NAMES] == list(KIND_NAMES)
 
 
-@pytest.mark.parametrize("name", ["neuroada", "lora", "full"])
+@pytest.mark.parametrize("name", ["neuroada", "lora", "full", "head"])
 def test_every_method_attaches_saves_loads_and_merges(name, tiny_llama_dir, tiny_tokenizer, tmp_path):
     """Trained weights saved by the method come back through load_trained; merged logits = unmerged logits."""
     from neuroada_cli import config
     from neuroada_cli.methods import get_method, load_trained
 
     cfg = config.validate(config.compose(None, [f"method={name}", f"model.name_or_path={tiny_llama_dir}",
-                                                "neuroada.k=3", "lora.r=2", "lora.target_modules=[q_proj,v_proj]"]))
+                                                "neuroada.k=3", "lora.r=2", "lora.target_modules=[q_proj,v_proj]",
+                                                "head.modules_to_save=[lm_head]"]))
     method = get_method(name)
     model = method.attach(cfg, tiny_llama())
     generator = torch.Generator().manual_seed(0)
@@ -204,7 +205,7 @@ def test_every_method_attaches_saves_loads_and_merges(name, tiny_llama_dir, tiny
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert not any("lora_" in key or "neuroada" in key for key in merged.state_dict())
-    assert info["merged"] is False and merged_info["merged"] is (name != "full") and info["method"] == name
+    assert info["merged"] is False and merged_info["merged"] is (name in ("neuroada", "lora")) and info["method"] == name
     counts = method.count(model)
     assert 0 < counts["trainable_params"] <= counts["total_params"]
 
@@ -311,6 +312,61 @@ def test_glue_classification_keeps_the_best_epoch(tmp_path, bert_dir):
     assert record["validation"]["evaluations"] == 2 and record["validation"]["stopped_early"] is False
     assert record["head_params"] > 0 and (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "adapter_last" / "adapter_model.safetensors").is_file()
+
+
+def test_head_only_trains_the_head_and_nothing_else(tmp_path, bert_dir):
+    """method=head (the linear-probe baseline): only head.modules_to_save changes; the encoder stays the base's;
+    eval of the run loads the saved head onto a fresh base and scores what the trained model scored."""
+    from safetensors.torch import load_file
+
+    from helpers import write_glue_task
+    from neuroada_cli import config
+    from neuroada_cli.methods import load_trained
+
+    data = write_glue_task(tmp_path / "data", "rte")
+    run = train_in_process([
+        "task=glue/rte", f"model.name_or_path={bert_dir}", "model.family=bert", f"data.dir={data}", "method=head",
+        f"trainer.output_dir={tmp_path / 'run'}", "trainer.epochs=1", "trainer.batch_size=8",
+        "trainer.micro_batch_size=4", "trainer.checkpoint_every=0", "head.modules_to_save=[classifier]",
+        "optimizer.lr=1e-2",
+    ])
+    record = json.loads((run / "run.json").read_text())
+    saved = load_file(str(run / "adapter" / "head_model.safetensors"))
+    assert sorted(saved) == ["classifier.bias", "classifier.weight"]
+    assert record["method"] == "head" and record["trainable_params"] == sum(v.numel() for v in saved.values())
+    cfg = config.validate(config.load_run_config(run))
+    trained, _, _ = load_trained(cfg, run / "adapter", merge=True)
+    base, _, _ = load_trained(cfg, None, merge=False)
+    trained_state, base_state = trained.state_dict(), base.state_dict()
+    changed = sorted(name for name in base_state if not torch.equal(trained_state[name], base_state[name]))
+    assert changed == ["classifier.bias", "classifier.weight"]
+    torch.testing.assert_close(trained_state["classifier.weight"], saved["classifier.weight"])
+    with pytest.raises(UserError, match="head.modules_to_save=.*match no module"):
+        train_in_process(["task=glue/rte", f"model.name_or_path={bert_dir}", "model.family=bert", f"data.dir={data}",
+                          "method=head", "head.modules_to_save=[nothing_here]", f"trainer.output_dir={tmp_path / 'bad'}"])
+
+
+def test_damaged_or_foreign_head_adapter_is_a_one_line_error(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    from neuroada_cli import config
+    from neuroada_cli.methods import get_method, load_trained
+
+    cfg = config.validate(config.compose(None, ["method=head", f"model.name_or_path={tiny_llama_dir}",
+                                                "head.modules_to_save=[lm_head]"]))
+    method = get_method("head")
+    method.save(method.attach(cfg, tiny_llama()), tiny_tokenizer, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "head_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:40])
+    with pytest.raises(UserError, match="head adapter .* is damaged"):
+        load_trained(cfg, tmp_path / "adapter", merge=False)
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(3, 3)}, str(weights))  # another model's head
+    with pytest.raises(UserError, match="does not fit this model .*lm_head.weight"):
+        load_trained(cfg, tmp_path / "adapter", merge=False)
+    (tmp_path / "adapter" / "head_config.json").unlink()
+    with pytest.raises(UserError, match="is not a head-only adapter"):
+        load_trained(cfg, tmp_path / "adapter", merge=False)
 
 
 def test_removed_trainer_keys_name_their_replacement():

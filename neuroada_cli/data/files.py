@@ -89,15 +89,25 @@ def _read_file(path: Path, key: str) -> list[dict]:
 
 
 def _read_hub(source: str, key: str) -> list[dict]:
-    if paths.hub_offline():
-        raise UserError(f"{key}={source!r}: no such file, and the hub is offline (HF_HUB_OFFLINE), so it cannot be "
-                        "a hub dataset id; give a local file")
     name, _, split = source.partition(":")
-    try:
-        rows = _load_quietly(name, split=split or "train").to_list()
-    except Exception as err:  # datasets raises many unrelated types for "not found / no network"
-        raise UserError(f"{key}={source!r}: no such file, and loading it as a hub dataset failed "
-                        f"({type(err).__name__}); give a local file or a hub id owner/name[:split]") from None
+    rows = hub_rows(name, split=split or "train", what=f"{key}={source!r}: no such file, and as a hub dataset id",
+                    fix="give a local file or a hub id owner/name[:split]")
     if not rows:
         raise UserError(f"hub dataset {source!r} has no records; check {key}")
     return rows
+
+
+def hub_rows(name: str, config: str | None = None, *, split: str, what: str, fix: str) -> list[dict]:
+    """The rows of a hub dataset split: the one hub loader (own data, training sets, GLUE).
+
+    UserError "<what>: the hub is offline ...; <fix>" without touching the network when ``paths.hub_offline()``,
+    "<what>: the hub download failed (<reason>); <fix>" when loading fails.
+    """
+    if paths.hub_offline():
+        raise UserError(f"{what}: the hub is offline (HF_HUB_OFFLINE) so it cannot be fetched; {fix}")
+    try:
+        table = _load_quietly(name, config, split=split) if config else _load_quietly(name, split=split)
+    except Exception as err:  # network, auth, cache, not found: datasets raises many unrelated types
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"{what}: the hub download failed ({reason}); {fix}") from None
+    return [dict(row) for row in table]

@@ -48,20 +48,10 @@ def _missing(dataset: str, directory: Path) -> UserError:
 
 
 def _hub_rows(dataset: str) -> list[dict]:
-    if paths.hub_offline():
-        raise UserError(
-            f"training set {dataset!r} looks like a hub dataset id but the hub is offline (HF_HUB_OFFLINE); "
-            "use a stem under data.dir (e.g. commonsense_15k) or a local JSON file"
-        )
-    try:
-        from datasets import load_dataset
+    from .files import hub_rows
 
-        table = load_dataset(dataset, split="train")
-    except Exception as err:  # datasets raises many unrelated types for "not found / no network"
-        raise UserError(
-            f"could not load hub dataset {dataset!r} ({type(err).__name__}); use a stem under data.dir "
-            "(e.g. commonsense_15k) or a local JSON file"
-        ) from None
+    table = hub_rows(dataset, split="train", what=f"training set {dataset!r} (a hub dataset id)",
+                     fix="use a stem under data.dir (e.g. commonsense_15k) or a local JSON file")
     rows = []
     for number, row in enumerate(table):
         if not all(isinstance(row.get(field), str) for field in REQUIRED_FIELDS):

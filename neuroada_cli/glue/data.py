@@ -137,14 +137,10 @@ def _read_jsonl(path: Path, spec: GlueTask) -> list[dict]:
 
 
 def _load_from_hub(spec: GlueTask, split: str, expected: Path) -> list[dict]:
-    try:
-        from datasets import load_dataset
+    from ..data.files import hub_rows
 
-        dataset = load_dataset(HUB_DATASET, spec.name, split=split)
-    except Exception as err:  # network, auth, cache: all mean "not available here"
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise UserError(f"GLUE {spec.name}/{split} is not at {expected}(.gz) and the hub download failed "
-                        f"({reason}); put the file there or set data.dir=PATH") from None
+    dataset = hub_rows(HUB_DATASET, spec.name, split=split, what=f"GLUE {spec.name}/{split} is not at {expected}(.gz)",
+                       fix="put the file there or set data.dir=PATH")
     where = f"hub {HUB_DATASET}/{spec.name}/{split}"
     return [_validate_row(spec, row, f"{where}: row {i}", i) for i, row in enumerate(dataset)]
 

@@ -1,6 +1,8 @@
-"""The trainable methods behind one interface, looked up in one table: NeuroAda, LoRA (PEFT baseline), full.
+"""The trainable methods behind one interface, looked up in one table: NeuroAda, LoRA (PEFT baseline), full,
+head only (linear probe).
 
-One small class per method (``methods/neuroada.py``, ``lora.py``, ``full.py``); nothing else compares method
+One small class per method (``methods/neuroada.py``, ``lora.py``, ``full.py``,
+``head.py``); nothing else compares method
 names. ``METHOD_NAMES`` feeds the config schema's allowed values, so adding a method is: write its class,
 add it to ``METHOD_MODULES``. This module imports no torch/transformers (config validation imports it).
 
@@ -26,6 +28,7 @@ METHOD_MODULES = {
     "neuroada": "neuroada_cli.methods.neuroada:NeuroAdaMethod",
     "lora": "neuroada_cli.methods.lora:LoraMethod",
     "full": "neuroada_cli.methods.full:FullMethod",
+    "head": "neuroada_cli.methods.head:HeadMethod",
 }
 METHOD_NAMES = tuple(METHOD_MODULES)
 
