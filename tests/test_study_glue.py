@@ -59,3 +59,13 @@ def test_commands_are_cli_runs_with_the_method_overrides(study_module, tmp_path)
     assert {"neuroada.scope=layer", "neuroada.selection=random", "neuroada.seed=2", "trainer.seed=2"} <= set(layer)
     with pytest.raises(SystemExit):
         study_module.parse_args(["--tasks", "qqp"])
+
+
+def test_claims_pair_runs_by_task_and_seed(study_module):
+    assert study_module.sign_test(8, 0) == pytest.approx(2 / 2 ** 8) and study_module.sign_test(3, 3) == 1.0
+    # b beats a by 1 point on every (task, seed): a clear "no" for a although a task's spread is 10 points
+    table = {(task, name): {"by_seed": {seed: base + seed * 10 + (1 if name == "b" else 0) for seed in range(3)}}
+             for task, base in (("sst2", 50), ("mrpc", 70), ("stsb", 20)) for name in ("a", "b")}
+    assert study_module.verdict(table, "a", "b", ["sst2", "mrpc", "stsb"]).startswith("no: -1.00 ± 0.00; better in 0, "
+                                                                                        "worse in 9 of 9")
+    assert study_module.verdict(table, "a", "a", ["sst2"]).startswith("within noise")
