@@ -345,8 +345,11 @@ def claims_lines(table: dict, tasks: list[str]) -> list[str]:
              "|---|---|---|---|"]
     for claim, subject, others, claim_tasks in CLAIMS:
         claim_tasks = [t for t in claim_tasks if t in tasks]
+        others = [o for o in others if any((t, o) in table for t in claim_tasks)]
+        if not others or not any((t, subject) in table for t in claim_tasks):
+            continue  # a method this study (--tasks/--methods) does not run
         mine = average(table, subject, claim_tasks)
-        if mine is None or not claim_tasks:
+        if mine is None:
             lines.append(f"| {claim} | {subject}: not finished | | |")
             continue
         for other in others:
