@@ -329,6 +329,21 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def fail_final_rename(monkeypatch, file_name: str, code: int) -> None:
+    """The atomic writer's last step (os.replace into place) fails with ``code`` for files named ``file_name``:
+    a full or read-only disk hit after the temporary file was written."""
+    import neuroada_cli.atomic as atomic
+
+    real_replace = atomic.os.replace
+
+    def replace(source, target):
+        if Path(target).name == file_name:
+            raise OSError(code, os.strerror(code))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+
+
 # ------------------------------------------------------------------------------ several processes
 def free_port() -> int:
     with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default 29500

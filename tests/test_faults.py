@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import FAULT_STEPS as STEPS
-from helpers import fails, no_temporaries, overrides, tree_hash, truncate
+from helpers import fail_final_rename, fails, no_temporaries, overrides, tree_hash, truncate
 from neuroada_cli.cli import main
 
 # The fixtures `setup` (one finished tiny run per module) and `run` (a private copy of it) live in conftest.py.
@@ -190,16 +190,7 @@ def test_failed_adapter_write_leaves_no_trace(setup, tmp_path, capsys, monkeypat
 
 
 def test_failed_run_record_write_names_run_json(setup, tmp_path, capsys, monkeypatch):
-    import neuroada_cli.atomic as atomic
-
-    real_replace = atomic.os.replace
-
-    def replace(source, target):
-        if Path(target).name == "run.json":
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_replace(source, target)
-
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    fail_final_rename(monkeypatch, "run.json", errno.EROFS)
     out = tmp_path / "out"
     line = fails(capsys, ["train", *overrides(setup, out, checkpoint_every=0)])
     assert f"cannot write {out / 'run.json'}: Read-only file system (EROFS)" in line

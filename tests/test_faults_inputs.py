@@ -14,7 +14,7 @@ import torch
 
 from helpers import make_tokenizer, tiny_llama
 from neuroada_cli.cli import main
-from helpers import fails, overrides, tree_hash, truncate
+from helpers import fail_final_rename, fails, overrides, tree_hash, truncate
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handler")  # fixtures setup / run: conftest.py
 
@@ -140,16 +140,7 @@ def test_damaged_lora_adapter_names_its_folder(setup, tmp_path, capsys):
 def test_failed_eval_results_write_names_the_file(run, capsys, monkeypatch):
     import errno
 
-    import neuroada_cli.atomic as atomic
-
-    real_replace = atomic.os.replace
-
-    def replace(source, target):
-        if Path(target).name == "results.json":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(source, target)
-
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    fail_final_rename(monkeypatch, "results.json", errno.ENOSPC)
     line = fails(capsys, ["eval", f"run={run}", "eval.tasks=[boolq]", "eval.limit=1"])
     assert f"cannot write {run / 'eval' / 'results.json'}: No space left on device (ENOSPC)" in line
     assert not (run / "eval" / "results.json").exists()
