@@ -23,21 +23,18 @@ import subprocess
 import sys
 import time
 
-from bench_train_step import TARGETS, rss_kb  # scripts/ is on sys.path when a script (or its worker) runs
+from bench_train_step import TARGETS, add_shape_arguments, llama_config, rss_kb  # scripts/ is on sys.path when a script (or its worker) runs
 
 COLUMNS = ("param_mb", "after_setup_mb", "peak_mb", "peak_minus_runtime_mb", "setup_peak_mb", "step_s")
 
 
 def build(args, meta: bool):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from neuroada_cli import NeuroAdaConfig, inject
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq,
-                         tie_word_embeddings=False)
+    config = llama_config(args, head_dim=64, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("meta" if meta else "cpu"):
         model = LlamaForCausalLM(config)
@@ -123,12 +120,8 @@ def launch(args, strategy_name: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2752)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=2, help="sequences per process")
-    parser.add_argument("--seq", type=int, default=128)
+    add_shape_arguments(parser, layers=8, hidden=1024, intermediate=2752, vocab=8000, batch=2, seq=128,
+                        batch_help="sequences per process")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--processes", type=int, default=2)

@@ -27,18 +27,16 @@ import time
 
 import torch
 
-from bench_train_step import adapt  # scripts/ is on sys.path when a script runs
+from bench_train_step import adapt, add_shape_arguments, llama_config  # scripts/ is on sys.path when a script runs
 
 VARIANTS = [("floor", None), ("neuroada", 1), ("neuroada", 20), ("reference", 1), ("reference", 20), ("lora", None)]
 
 
 def build(args, variant: str, k: int | None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                         num_key_value_heads=args.hidden // 128, max_position_embeddings=args.seq)
+    config = llama_config(args)
     with torch.device(args.device):
         model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     model.train()
@@ -125,12 +123,7 @@ def kernels(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
+    add_shape_arguments(parser, layers=4, hidden=4096, intermediate=11008, vocab=32000, batch=8, seq=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=5)

@@ -37,6 +37,24 @@ MMAP_THRESHOLD = str(128 * 1024)  # glibc's initial default, held fixed
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def add_shape_arguments(parser, *, layers: int, hidden: int, intermediate: int, vocab: int, batch: int, seq: int,
+                        batch_help: str | None = None) -> None:
+    """--layers ... --seq: the Llama-shaped model and batch every step benchmark builds (each has its own size)."""
+    for name, default in (("layers", layers), ("hidden", hidden), ("intermediate", intermediate), ("vocab", vocab)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--batch", type=int, default=batch, help=batch_help)
+    parser.add_argument("--seq", type=int, default=seq)
+
+
+def llama_config(args, head_dim: int = 128, **extra):
+    """The LlamaConfig of those arguments (heads = hidden // head_dim, as many key/value heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // head_dim,
+                       num_key_value_heads=args.hidden // head_dim, max_position_embeddings=args.seq, **extra)
+
+
 def rss_kb(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -92,14 +110,11 @@ def adapt(model, variant: str, k: int | None):
 
 def run_variant(args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                         num_key_value_heads=args.hidden // 128, max_position_embeddings=args.seq)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(args))
     model.train()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     variant, k = args.variant, args.k[0]
@@ -137,12 +152,7 @@ def run_variant(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5504)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    add_shape_arguments(parser, layers=4, hidden=2048, intermediate=5504, vocab=32000, batch=4, seq=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
