@@ -1,7 +1,7 @@
 """neuroada: NeuroAda fine-tuning (neuron-wise sparse bypasses) from the command line and as a library."""
 from importlib import metadata as _metadata
 
-from .method import (
+from .core import (
     NeuroAdaConfig,
     NeuroAdaLinear,
     ParameterCount,
@@ -15,7 +15,7 @@ from .method import (
     unload,
     unmerge,
 )
-from .method.peft_tuner import NeuroAdaPeftConfig  # importing it registers NeuroAda with PEFT
+from .core.peft_tuner import NeuroAdaPeftConfig  # importing it registers NeuroAda with PEFT
 
 try:  # the one version number lives in pyproject.toml
     __version__ = _metadata.version("neuroada")

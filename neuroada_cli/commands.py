@@ -78,7 +78,7 @@ def train(args: list[str]) -> int:
                 print(f"# job {number}: {' '.join(job)}")
             print(config.to_yaml(cfg), end="")
         return 0
-    from .train import train as run_training
+    from .training.recipe import train as run_training
 
     finished = []
     for number, (job, cfg) in enumerate(configs):
@@ -101,7 +101,7 @@ def popped_recipe(args: list[str]) -> str | None:
 
 def interrupt_message(cfg, recipe: str | None, job: list[str]) -> str:
     """Where a Ctrl-C left the run: its last checkpoint and the exact command that resumes it, or none."""
-    from . import run_dir
+    from .training import run_dir
 
     output_dir = Path(str(cfg.trainer.output_dir))
     found = run_dir.latest_checkpoint(output_dir)
@@ -185,7 +185,7 @@ def export(args: list[str]) -> int:
 
 
 def inspect(args: list[str]) -> int:
-    from .inspect_run import inspect_run
+    from .inspection.run import inspect_run
 
     say(f"plots and report written to {inspect_run(*_run_and_output(args, 'inspect'))}")
     return 0

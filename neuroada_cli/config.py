@@ -199,7 +199,7 @@ def _run_config_path(run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.yaml); pass run=<trainer.output_dir>")
-    from .resume import read_saved_config
+    from .training.resume import read_saved_config
 
     read_saved_config(Path(run_dir))  # a damaged config.yaml: one line naming it, not a YAML traceback
     return path

@@ -118,7 +118,7 @@ class TrainerSection:
     validate: bool = True                  # evaluate the kind's validation examples (none: no validation)
     eval_every: Optional[int] = None       # optimizer steps between evaluations; null/0 = epoch ends only
     early_stopping_patience: Optional[int] = None  # stop after this many evaluations without improvement
-    strategy: str = "ddp"                  # ddp | fsdp (FSDP2 shards; neuroada_cli/strategy.py)
+    strategy: str = "ddp"                  # ddp | fsdp (FSDP2 shards; neuroada_cli/strategies/)
     nonfinite: str = "stop"                # a NaN/inf loss or gradient norm: stop | skip (the step)
     nonfinite_patience: int = 3            # skip: stop after this many non-finite steps in a row
 
@@ -240,13 +240,13 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     from .data.tokenize import check_max_length
     from .eval.base import SCORINGS
     from .kinds import KIND_NAMES
-    from .method.config import IMPLS, SCOPES, SELECTIONS
+    from .core.config import IMPLS, SCOPES, SELECTIONS
     from .methods import METHOD_NAMES
     from .methods.targets import check_target_modules
     from .data.formats import FORMATS
     from .models import ATTN_IMPLEMENTATIONS, DTYPES, FAMILIES
-    from .train_parts import PRECISIONS, TRACKERS
-    from .strategy import STRATEGIES
+    from .training.parts import PRECISIONS, TRACKERS
+    from .strategies import STRATEGIES
 
     _one_of(cfg.method, METHOD_NAMES, "method")
     _require(bool(cfg.model.name_or_path), "model.name_or_path is empty; give a hub id, a local dir or embedded:NAME")
@@ -339,7 +339,7 @@ def _check_own_data(d: DictConfig, kind_name: str, formats: tuple) -> None:
 
 
 def _check_optimizer(o: DictConfig) -> None:
-    from .train_parts import OPTIMIZERS, SCHEDULERS
+    from .training.parts import OPTIMIZERS, SCHEDULERS
 
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
     _one_of(o.scheduler, SCHEDULERS, "optimizer.scheduler")

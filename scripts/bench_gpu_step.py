@@ -99,7 +99,7 @@ def time_cuda(fn, repeats: int) -> float:
 
 def kernels(args) -> list[dict]:
     """Each delta-gradient kernel as a fraction of the dense dW, per layer shape and k (fp32 inputs)."""
-    from neuroada_cli.method import sddmm as layer
+    from neuroada_cli.core import sddmm as layer
 
     tokens, rows = args.batch * args.seq, []
     default_scratch = layer.COLUMN_SCRATCH_ELEMENTS

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from neuroada_cli.method import selection
-from neuroada_cli.method.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse
+from neuroada_cli.core import selection
+from neuroada_cli.core.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse
 
 
 def main() -> None:

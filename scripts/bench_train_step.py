@@ -88,7 +88,7 @@ def adapt(model, variant: str, k: int | None):
 
         model = get_peft_model(model, NeuroAdaPeftConfig(k=k, target_modules=TARGETS))
     elif variant == "masked":
-        from neuroada_cli.method import selection
+        from neuroada_cli.core import selection
 
         for p in model.parameters():
             p.requires_grad_(False)

@@ -100,7 +100,7 @@ def tiny_overrides(model_dir: Path, data_dir: Path, output_dir: Path, steps: int
 
 def train_in_process(overrides: list[str]) -> Path:
     from neuroada_cli import config
-    from neuroada_cli.train import train
+    from neuroada_cli.training.recipe import train
 
     return train(config.validate(config.compose(None, overrides)))
 

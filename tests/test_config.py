@@ -20,10 +20,10 @@ def test_no_private_hydra_api_anywhere():
 def _owners():
     from neuroada_cli.eval.base import SCORINGS
     from neuroada_cli.kinds import KIND_NAMES
-    from neuroada_cli.method.config import IMPLS, SELECTIONS
+    from neuroada_cli.core.config import IMPLS, SELECTIONS
     from neuroada_cli.methods import METHOD_NAMES
     from neuroada_cli.models import DTYPES, FAMILIES
-    from neuroada_cli.train_parts import PRECISION_TO_ACCELERATE
+    from neuroada_cli.training.parts import PRECISION_TO_ACCELERATE
 
     return {"method": METHOD_NAMES, "task.kind": KIND_NAMES, "neuroada.selection": SELECTIONS,
             "neuroada.impl": IMPLS, "eval.scoring": SCORINGS, "model.dtype": DTYPES, "model.family": FAMILIES,

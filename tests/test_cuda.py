@@ -16,8 +16,8 @@ DEVICE = "cuda"
 
 
 def make_layer(impl: str, d_out=96, d_in=80, k=4, dtype=torch.float32, seed=0):
-    from neuroada_cli.method import selection
-    from neuroada_cli.method.layer import NeuroAdaLinear
+    from neuroada_cli.core import selection
+    from neuroada_cli.core.layer import NeuroAdaLinear
 
     torch.manual_seed(seed)
     base = torch.nn.Linear(d_in, d_out, bias=True).to(DEVICE, dtype)
@@ -50,7 +50,7 @@ def test_fused_matches_reference_under_autocast(autocast_dtype, k):
 @pytest.mark.parametrize("kernel", ["sddmm_columns", "sddmm_sparse", "sddmm_gather"])
 @pytest.mark.parametrize("shape", [(64, 48, 1), (300, 200, 4), (128, 512, 20)])
 def test_delta_gradient_kernels_match_dense(kernel, shape):
-    from neuroada_cli.method import sddmm as layer
+    from neuroada_cli.core import sddmm as layer
 
     d_out, d_in, k = shape
     torch.manual_seed(1)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("fresh_log_handler")
 # ------------------------------------------------------------------------------------------ helpers
 def nan_loss_at(monkeypatch, steps: set[int]) -> None:
     """The kind's loss becomes NaN during the optimizer steps in ``steps`` (1-based)."""
-    from neuroada_cli.train import TrainingRecipe
+    from neuroada_cli.training.recipe import TrainingRecipe
 
     original = TrainingRecipe.step
 
@@ -74,7 +74,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_pa
 
 
 def test_nan_gradient_norm_stops_the_run(setup, tmp_path, capsys, monkeypatch):
-    import neuroada_cli.train as train_module
+    import neuroada_cli.training.recipe as train_module
 
     monkeypatch.setattr(train_module, "gradient_norm", lambda parameters: torch.tensor(float("inf")))
     line = fails(capsys, ["train", *overrides(setup, tmp_path / "out")])
@@ -179,7 +179,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(setup, tmp_path, capsys,
 
 
 def test_failed_adapter_write_leaves_no_trace(setup, tmp_path, capsys, monkeypatch):
-    import neuroada_cli.method.adapter as adapter_module
+    import neuroada_cli.core.adapter as adapter_module
 
     monkeypatch.setattr(adapter_module, "save_file", _raise_enospc)
     out = tmp_path / "out"

@@ -93,7 +93,7 @@ def test_bare_eval_asks_for_a_run_or_a_recipe(capsys):
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:
-    from neuroada_cli.train import TrainingRecipe
+    from neuroada_cli.training.recipe import TrainingRecipe
 
     original = TrainingRecipe.end_of_step
 

@@ -48,7 +48,7 @@ def train_steps(model, optimizer, batches, rank: int, world: int) -> None:
 
 
 def delta_tensors(model) -> dict[str, torch.Tensor]:
-    from neuroada_cli.method.adapter import adapter_state
+    from neuroada_cli.core.adapter import adapter_state
 
     return {k: v for k, v in adapter_state(model)[0].items() if k.endswith(("delta", "indices"))}
 
@@ -196,7 +196,7 @@ def test_fsdp_bf16_base_keeps_fp32_deltas(two_ranks):
 
 
 def test_fsdp_halves_parameter_bytes(two_ranks):
-    from neuroada_cli.strategy import local_parameter_bytes, prepare_for_sharding
+    from neuroada_cli.strategies import local_parameter_bytes, prepare_for_sharding
 
     full = local_parameter_bytes(prepare_for_sharding(attached("neuroada", meta=False)))
     per_rank = [json.loads((two_ranks / f"rank{r}.json").read_text())["local_bytes"] for r in range(2)]
@@ -205,7 +205,7 @@ def test_fsdp_halves_parameter_bytes(two_ranks):
 
 
 def test_decoder_blocks_are_the_layers():
-    from neuroada_cli.strategy import decoder_blocks
+    from neuroada_cli.strategies import decoder_blocks
 
     model = tiny_llama()
     assert decoder_blocks(model) == list(model.model.layers)
@@ -215,7 +215,7 @@ def test_decoder_blocks_are_the_layers():
     ("fsdp", 1, "needs at least 2 processes"), ("zero3", 2, "trainer.strategy='zero3' is unknown")])
 def test_bad_strategy_is_one_line_error(strategy, world, fragment):
     from neuroada_cli.errors import UserError
-    from neuroada_cli.strategy import check_strategy
+    from neuroada_cli.strategies import check_strategy
 
     with pytest.raises(UserError) as caught:
         check_strategy(strategy, world)
@@ -250,7 +250,7 @@ def test_cli_fsdp_equals_one_process(tiny_llama_dir, tmp_path):
 def test_fsdp_refuses_a_method_it_cannot_shard():
     from neuroada_cli.errors import UserError
     from neuroada_cli.methods import get_method
-    from neuroada_cli.strategy import check_strategy
+    from neuroada_cli.strategies import check_strategy
 
     check_strategy("fsdp", 2, get_method("neuroada"))
     check_strategy("fsdp", 2, get_method("lora"))

@@ -18,7 +18,7 @@ from helpers import build_arch, randomise_deltas, write_glue_task, write_jsonl
 
 from neuroada_cli import NeuroAdaConfig, inject, neuroada_layers, save_adapter
 from neuroada_cli.errors import UserError
-from neuroada_cli.inspect_run import (
+from neuroada_cli.inspection.run import (
     confusion_counts,
     inspect_run,
     read_layer_stats,

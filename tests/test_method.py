@@ -108,7 +108,7 @@ def test_layers_whose_selection_is_few_columns_save_only_those_columns():
 
 
 def test_gated_mlp_input_is_recomputed_from_its_factors_not_kept_twice():
-    from neuroada_cli.method.layer import NeuroAdaLinear, product_factors
+    from neuroada_cli.core.layer import NeuroAdaLinear, product_factors
 
     torch.manual_seed(0)
     a = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
@@ -143,7 +143,7 @@ def test_gated_mlp_input_is_recomputed_from_its_factors_not_kept_twice():
 
 def test_gradcheck_float64():
     """The fused autograd function against finite differences of W + scatter(delta)."""
-    from neuroada_cli.method.layer import FusedLinearFunction
+    from neuroada_cli.core.layer import FusedLinearFunction
 
     torch.manual_seed(0)
     weight = torch.randn(5, 7, dtype=torch.float64)
@@ -167,7 +167,7 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sddmm_strategies_agree_with_dense_product(dtype):
-    from neuroada_cli.method.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse, sampled_delta_grad
+    from neuroada_cli.core.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse, sampled_delta_grad
 
     torch.manual_seed(0)
     grad_out, inputs = torch.randn(37, 11, dtype=dtype), torch.randn(37, 23, dtype=dtype)

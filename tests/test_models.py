@@ -326,7 +326,7 @@ def test_eval_and_export_load_with_the_configured_attn_implementation(tiny_llama
 def test_all_linear_is_every_linear_but_the_output_head(arch):
     from helpers import build_arch
 
-    from neuroada_cli.method.model import name_matches
+    from neuroada_cli.core.model import name_matches
     from neuroada_cli.methods.targets import all_linear_targets
 
     model, _ = build_arch(arch)
@@ -344,7 +344,7 @@ def test_all_linear_is_every_linear_but_the_output_head(arch):
 
 def test_neuroada_and_lora_attach_all_linear():
     from neuroada_cli import config
-    from neuroada_cli.method.layer import NeuroAdaLinear
+    from neuroada_cli.core.layer import NeuroAdaLinear
     from neuroada_cli.methods import get_method
 
     cfg = config.validate(config.compose(None, ["neuroada.k=2", "neuroada.target_modules=all-linear", "lora.r=2",

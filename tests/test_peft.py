@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import neuroada_cli
 from neuroada_cli import NeuroAdaConfig, NeuroAdaPeftConfig, inject, load_adapter, neuroada_layers, save_adapter
 from neuroada_cli.errors import UserError
-from neuroada_cli.method.peft_layer import NeuroAdaPeftLinear
+from neuroada_cli.core.peft_layer import NeuroAdaPeftLinear
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, get_peft_model  # noqa: E402

@@ -9,7 +9,7 @@ from torch import nn
 
 from neuroada_cli import NeuroAdaConfig, count_parameters, inject, merge, neuroada_layers, unmerge
 from neuroada_cli.errors import UserError
-from neuroada_cli.method import selection
+from neuroada_cli.core import selection
 
 
 class TwoLayers(nn.Module):
@@ -148,7 +148,7 @@ def test_fused_matches_reference_in_outputs_and_delta_grads(overrides):
 
 
 def test_cell_grad_fallback_matches_sampled_addmm(monkeypatch):
-    from neuroada_cli.method import sddmm as layer_module
+    from neuroada_cli.core import sddmm as layer_module
 
     grad_out, inputs = torch.randn(9, 4), torch.randn(9, 6)
     counts = torch.tensor([0, 3, 1, 2])
@@ -216,7 +216,7 @@ def test_config_validation_of_the_new_keys(overrides, message):
 
 def test_peft_path_refuses_general_placement():
     peft = pytest.importorskip("peft")
-    from neuroada_cli.method.peft_tuner import NeuroAdaPeftConfig
+    from neuroada_cli.core.peft_tuner import NeuroAdaPeftConfig
 
     with pytest.raises(UserError, match="not supported through PEFT"):
         peft.get_peft_model(TwoLayers(), NeuroAdaPeftConfig(k=2, target_modules=["q_proj"], scope="layer"))
@@ -224,7 +224,7 @@ def test_peft_path_refuses_general_placement():
 
 @pytest.mark.parametrize("compact", [False, True])
 def test_general_layer_grads_match_the_dense_gradient_also_with_compact_inputs(compact):
-    from neuroada_cli.method.layer import NeuroAdaLinear
+    from neuroada_cli.core.layer import NeuroAdaLinear
 
     torch.manual_seed(0)
     base = nn.Linear(9, 5)

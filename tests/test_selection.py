@@ -7,7 +7,7 @@ from torch import nn
 
 from neuroada_cli import NeuroAdaConfig, count_parameters, inject, neuroada_layers
 from neuroada_cli.errors import UserError
-from neuroada_cli.method import selection
+from neuroada_cli.core import selection
 
 from helpers import tiny_llama
 

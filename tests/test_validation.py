@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from helpers import tiny_overrides, train_in_process, write_train_rows
 from neuroada_cli.errors import UserError
 from neuroada_cli.kinds.causal_lm import CausalLM
-from neuroada_cli.validation import ValidationState
+from neuroada_cli.training.validation import ValidationState
 
 
 @pytest.fixture

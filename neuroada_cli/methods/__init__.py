@@ -12,7 +12,7 @@ add it to ``METHOD_MODULES``. This module imports no torch/transformers (config 
     method.count(model); method.save(model, tokenizer, path)
     model = method.load_for_eval(cfg, model, adapter_dir); plain = method.merge(model)
 
-Config objects stop at this boundary: the method library (``neuroada_cli/method/``) gets plain values.
+Config objects stop at this boundary: the method library (``neuroada_cli/core/``) gets plain values.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ WEIGHTS_NAME = "head_model.safetensors"
 
 def head_modules(model, patterns: list[str]) -> dict:
     """{name: module} of the modules ``patterns`` pick (same matching as neuroada.modules_to_save)."""
-    from ..method.model import saved_module_names
+    from ..core.model import saved_module_names
 
     modules = dict(model.named_modules())
     names = saved_module_names(model, list(patterns))

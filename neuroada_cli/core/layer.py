@@ -31,7 +31,7 @@ optimizer step), under reference the pristine W, after ``merge`` the merged W. A
 moves between models with the same base, selection and impl (deepcopy, resuming); adapters travel with
 ``save_adapter`` / ``load_adapter``, a plain merged model comes from ``unload``.
 
-Sharded (FSDP2, ``neuroada_cli/strategy.py``): ``cells_as_parameters()`` turns the selected columns and the
+Sharded (FSDP2, ``neuroada_cli/strategies/``): ``cells_as_parameters()`` turns the selected columns and the
 original cells into frozen parameters, so that FSDP2 splits them along rows together with W and the delta
 (dim 0) and all-gathers the columns with W for the backward. The unsharded W seen in forward is a temporary
 copy, so a sharded layer never writes it: ``sync_cells()`` writes orig + delta into the LOCAL rows of the

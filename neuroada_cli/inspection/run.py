@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inspect_plots
-from .atomic import atomic_directory
-from .errors import UserError
-from .inspect_report import render_report
+from . import plots as inspect_plots
+from ..atomic import atomic_directory
+from ..errors import UserError
+from .report import render_report
 
 INSPECT_DIR = "inspect"
 REPORT_NAME = "report.md"

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_directory, write_atomic
-from .errors import UserError
+from ..atomic import atomic_directory, write_atomic
+from ..errors import UserError
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

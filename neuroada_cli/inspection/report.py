@@ -1,6 +1,6 @@
 """The markdown page of ``neuroada inspect``: key facts, scores, the figures and a per-layer table.
 
-Pure text from plain values (no file access): inspect_run.py gathers them and links the images it wrote
+Pure text from plain values (no file access): run.py gathers them and links the images it wrote
 beside the page, so every link is relative and the folder can be moved or published as it is.
 """
 from __future__ import annotations

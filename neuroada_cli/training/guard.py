@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 FIX = "lower optimizer.lr, train in fp32 or bf16 (trainer.precision), or check the data"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import run_dir
-from .errors import UserError
+from ..errors import UserError
 
 # Keys a resume may change (exact names, or a prefix ending in "."): length, logging, checkpoints, evaluation.
 HARMLESS_KEYS = ("recipe", "eval.", "data.val_file", "trainer.max_steps", "trainer.epochs", "trainer.log_every",

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -77,7 +77,7 @@ def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
 
 def prepare_for_sharding(model: nn.Module) -> nn.Module:
     """Give NeuroAda layers row-shardable columns and cells; call on EVERY copy whose state dict is exchanged."""
-    from .method.model import neuroada_layers
+    from ..core.model import neuroada_layers
 
     for layer in neuroada_layers(model).values():
         layer.cells_as_parameters()
@@ -96,7 +96,7 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
     """FSDP2 on each decoder block, then the root; NeuroAda layers switch to local-row writes. Same object back."""
     from torch.distributed.fsdp import fully_shard
 
-    from .method.model import neuroada_layers
+    from ..core.model import neuroada_layers
 
     prepare_for_sharding(model)
     policy = mixed_precision_policy(param_dtype)
@@ -148,13 +148,13 @@ def lean_load(model: nn.Module, full_model: nn.Module | None, device: torch.devi
 
 def local_parameter_bytes(model: nn.Module) -> int:
     """Bytes of parameters this process holds (its shards under fsdp)."""
-    from .method.layer import local_tensor
+    from ..core.layer import local_tensor
 
     return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
 
 
 def _gathered_names(module: nn.Module) -> list[str]:
-    from .method.layer import NeuroAdaLinear
+    from ..core.layer import NeuroAdaLinear
 
     cells = ("neuroada_idx", "neuroada_orig") if isinstance(module, NeuroAdaLinear) else ()
     return [name for name, p in module._parameters.items()
@@ -168,7 +168,7 @@ def full_trainable_view(model: nn.Module) -> Iterator[nn.Module]:
     So that ``method.save(model, ...)`` (save_adapter, PEFT's save_pretrained) runs unchanged on process 0.
     Frozen base weights stay sharded. Every process must enter; do not run forward inside.
     """
-    from .method.layer import DTensor
+    from ..core.layer import DTensor
 
     swapped = []
     for module in model.modules():

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from . import run_dir
-from .atomic import finite_or_none, write_failure
-from .errors import UserError
+from ..atomic import finite_or_none, write_failure
+from ..errors import UserError
 
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 PRECISIONS = tuple(PRECISION_TO_ACCELERATE)

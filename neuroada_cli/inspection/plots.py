@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 DPI = 110
 PANEL_COLUMNS = 4  # selection histograms: small multiples, this many per row

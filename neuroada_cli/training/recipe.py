@@ -40,7 +40,7 @@ Features and the config keys that drive them:
   last one kept, with the best-so-far validation state); ``trainer.resume`` (true | auto) continues bitwise,
   after checking the config against the run's (resume.py) and before anything is written.
 * faults: ``trainer.nonfinite`` (stop | skip, ``trainer.nonfinite_patience``) checks the loss and gradient norm
-  before every optimizer step (nonfinite.py); a failed write names its path and leaves nothing (atomic.py).
+  before every optimizer step (guard.py); a failed write names its path and leaves nothing (atomic.py).
 * trackers: ``trainer.report_to`` = [tensorboard, wandb, mlflow] through accelerate, offline by default, under
   <run>/trackers; progress on process 0: a rich bar on a terminal, else one plain line per ``log_every`` steps.
 * ``eval.after_train`` runs ``neuroada eval`` on the finished run (the best adapter when validating; its inputs
@@ -57,17 +57,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import run_dir
-from . import strategy as strategies
-from .atomic import check_writable_dir, write_atomic, write_json
-from .config import accumulation_steps, eval_config_for_run
-from .data.batching import BatchPlan, split_global_batch
-from .errors import UserError
-from .kinds import get_kind
-from .methods import counts_line, get_method, load_base
-from .nonfinite import NonFiniteGuard, gradient_norm
+from .. import strategies
+from ..atomic import check_writable_dir, write_atomic, write_json
+from ..config import accumulation_steps, eval_config_for_run
+from ..data.batching import BatchPlan, split_global_batch
+from ..errors import UserError
+from ..kinds import get_kind
+from ..methods import counts_line, get_method, load_base
+from .guard import NonFiniteGuard, gradient_norm
 from .resume import resume_changes, resume_point
 from .stopwatch import Stopwatch
-from .train_parts import (ProgressBar, log_stream, make_accelerator, make_optimizer, release_accelerator_state,
+from .parts import (ProgressBar, log_stream, make_accelerator, make_optimizer, release_accelerator_state,
                           start_trackers)
 from .validation import ValidationState
 
@@ -123,7 +123,7 @@ class TrainingRecipe:
         # Fast checks first: a missing data or test file fails now, not after the model load or training.
         self.kind.check_inputs()
         if cfg.eval.after_train:
-            from .eval.runner import check_eval_inputs
+            from ..eval.runner import check_eval_inputs
 
             check_eval_inputs(cfg)
         model, self.tokenizer = self._load_model()
@@ -390,7 +390,7 @@ class TrainingRecipe:
 
     def _evaluate(self) -> None:
         """eval.after_train: the in-memory model, no reload (other processes are done)."""
-        from .eval.runner import run_eval_from_config
+        from ..eval.runner import run_eval_from_config
 
         eval_cfg = eval_config_for_run(self.output_dir, [])
         if self.validation is not None or self.fsdp:  # best adapter on disk / a sharded model: reload
