@@ -288,7 +288,7 @@ def test_embedded_smollm2_conversion_then_cache_hit(tmp_path, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again despite a valid cache")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(models.cache, "_convert_gguf", no_conversion)
     cached, _ = load_model_and_tokenizer("embedded:smollm2-135m-instruct")
     assert torch.equal(cached.generate(**prompt, max_new_tokens=4, do_sample=False), first)
     assert "Paris" in tokenizer.decode(first[0])
