@@ -34,6 +34,7 @@ class ModelSection:
     dtype: str = "float32"
     family: str = "auto"
     attn_implementation: Optional[str] = None  # null = transformers' default | eager | sdpa | flash_attention_2
+    quantization: Optional[str] = None    # null (the dtype above) | nf4 | fp4 | int8: a frozen bitsandbytes base
 
 
 @dataclass
@@ -48,6 +49,7 @@ class NeuroAdaSection:
     gradient_batches: int = 4
     scope: str = "neuron"                 # neuron | layer | global (placement ablations)
     neuron_fraction: float = 1.0          # share of rows per layer that get their k cells
+    mode: str = "auto"                    # auto | merged (W holds orig + delta) | unmerged (W never written)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class DataSection:
     train_on_prompt: bool = False         # also supervise prompt / non-assistant tokens
     val_file: Optional[str] = None        # validation data, same formats
     val_fraction: Optional[float] = None  # or hold out this seeded fraction of the training rows
+    packing: bool = False                 # concatenate examples into rows of max_length (no cross-attention)
 
 
 @dataclass
@@ -121,6 +124,7 @@ class TrainerSection:
     strategy: str = "ddp"                  # ddp | fsdp (FSDP2 shards; neuroada_cli/strategies/)
     nonfinite: str = "stop"                # a NaN/inf loss or gradient norm: stop | skip (the step)
     nonfinite_patience: int = 3            # skip: stop after this many non-finite steps in a row
+    cross_entropy: str = "auto"            # auto | plain | chunked | liger: how the causal-LM loss forms logits
 
 
 @dataclass
@@ -144,6 +148,13 @@ class EvalSection:
 
 
 @dataclass
+class PreferenceSection:  # task.kind=preference (DPO)
+    beta: float = 0.1                     # strength of the pull towards the reference (the frozen base)
+    loss: str = "sigmoid"                 # sigmoid (DPO) | ipo
+    precompute_ref: bool = False          # reference log-probabilities once per example before training
+
+
+@dataclass
 class RunConfig:
     recipe: Optional[str] = None
     method: str = "neuroada"
@@ -152,6 +163,7 @@ class RunConfig:
     neuroada: NeuroAdaSection = field(default_factory=NeuroAdaSection)
     lora: LoraSection = field(default_factory=LoraSection)
     head: HeadSection = field(default_factory=HeadSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
@@ -244,7 +256,10 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     from .methods import METHOD_NAMES
     from .methods.targets import check_target_modules
     from .data.formats import FORMATS
-    from .models import ATTN_IMPLEMENTATIONS, DTYPES, FAMILIES
+    from .models import ATTN_IMPLEMENTATIONS, DTYPES, FAMILIES, QUANTIZATIONS
+    from .core.config import MODES
+    from .kinds.causal_lm import CROSS_ENTROPY_IMPLS
+    from .kinds.preference import PREFERENCE_LOSSES
     from .training.parts import PRECISIONS, TRACKERS
     from .strategies import STRATEGIES
 
@@ -253,6 +268,7 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     _one_of(cfg.model.dtype, DTYPES, "model.dtype")
     _one_of(cfg.model.family, FAMILIES, "model.family")
     _one_of(cfg.model.attn_implementation, (None,) + ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    _one_of(cfg.model.quantization, (None,) + QUANTIZATIONS, "model.quantization")
     _one_of(cfg.task.kind, KIND_NAMES, "task.kind")
     n = cfg.neuroada
     _require(n.k >= 1, f"neuroada.k={n.k} is invalid; use a whole number >= 1 (the paper uses 1 or 20)")
@@ -261,6 +277,10 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     check_target_modules(n.target_modules, "neuroada.target_modules")
     _require(n.gradient_batches >= 1, f"neuroada.gradient_batches={n.gradient_batches} must be >= 1")
     _one_of(n.scope, SCOPES, "neuroada.scope")
+    _one_of(n.mode, MODES, "neuroada.mode")
+    _require(cfg.model.quantization is None or n.mode != "merged",
+             f"neuroada.mode=merged cannot write into a {cfg.model.quantization} base; use neuroada.mode=auto "
+             "(unmerged on a quantized base) or model.quantization=null")
     _require(0 < n.neuron_fraction <= 1, f"neuroada.neuron_fraction={n.neuron_fraction} is invalid; use a number in "
              "(0, 1], e.g. 0.5")
     _require(n.scope == "neuron" or (n.selection != "gradient" and n.neuron_fraction >= 1),
@@ -299,6 +319,10 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
              f"trainer.early_stopping_patience={t.early_stopping_patience} must be >= 1 or null (off)")
     _require(t.resume in RESUME_CHOICES, f"trainer.resume={t.resume!r} is not valid; use true, false or auto")
     _one_of(t.nonfinite, NONFINITE_CHOICES, "trainer.nonfinite")
+    _one_of(t.cross_entropy, CROSS_ENTROPY_IMPLS, "trainer.cross_entropy")
+    p = cfg.preference
+    _require(p.beta > 0, f"preference.beta={p.beta} must be > 0 (DPO uses 0.1 by default)")
+    _one_of(p.loss, PREFERENCE_LOSSES, "preference.loss")
     _require(t.nonfinite_patience >= 1, f"trainer.nonfinite_patience={t.nonfinite_patience} must be >= 1")
     e = cfg.eval
     _one_of(e.scoring, SCORINGS, "eval.scoring")

@@ -8,6 +8,9 @@ from ..errors import UserError
 SELECTIONS = ("magnitude", "reverse", "random", "gradient")
 IMPLS = ("fused", "reference")
 SCOPES = ("neuron", "layer", "global")
+# neuroada.mode: merged = W holds orig + delta (the frozen model's forward, full-precision bases); unmerged = W is
+# never written, the forward adds the delta's product (quantized or shared bases); auto = unmerged iff quantized.
+MODES = ("auto", "merged", "unmerged")
 
 
 @dataclass

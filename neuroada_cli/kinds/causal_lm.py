@@ -14,6 +14,11 @@ from __future__ import annotations
 from ..data.tokenize import IGNORE_INDEX
 from ..errors import UserError
 
+# trainer.cross_entropy: plain = logits of every target token at once; chunked = a chunk of target positions at a
+# time, each chunk's logits recomputed in backward; liger = liger-kernel's fused linear cross-entropy (CUDA);
+# auto = the best available for the device.
+CROSS_ENTROPY_IMPLS = ("auto", "plain", "chunked", "liger")
+
 
 class CausalLM:
     name = "causal_lm"

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("auto", "llama", "llama3", "smollm", "bert", "roberta")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("nf4", "fp4", "int8")  # model.quantization: a frozen bitsandbytes base (null = none)
 # model.attn_implementation (null = transformers' default, sdpa where the model supports it)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
