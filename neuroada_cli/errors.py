@@ -11,3 +11,10 @@ class UserError(ValueError):
 class Interrupted(UserError):
     """Ctrl-C during a command: the message says what is left (the last checkpoint, the resume command);
     the CLI exits with 130 as a shell does for SIGINT."""
+
+
+def one_line(err: BaseException, limit: int | None = 200) -> str:
+    """An exception's text squeezed onto one line (whitespace runs become one space), at most ``limit``
+    characters (None: no limit); the exception's class name when it has no text."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
