@@ -22,6 +22,7 @@ is measured R times, rounds interleaved, and medians are reported. Usage:
   python scripts/bench_train_step.py                      # defaults of the issue: 4 x 2048/5504, 4 x 256
   python scripts/bench_train_step.py --layers 2 --hidden 512 --intermediate 1376 --json
   python scripts/bench_train_step.py --only neuroada,neuroada_peft --k 20   # a subset (the floor always runs)
+  python scripts/bench_train_step.py --model embedded:smollm2-135m-instruct --batch 8 --seq 128  # a real model
 """
 from __future__ import annotations
 
@@ -114,9 +115,15 @@ def run_variant(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(args))
+    if args.model:  # a real checkpoint (e.g. the embedded SmolLM2: 576/1536-wide layers, 30 blocks)
+        from neuroada_cli.models.loading import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(args.model)
+    else:
+        model = LlamaForCausalLM(llama_config(args))
     model.train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     variant, k = args.variant, args.k[0]
     optimizer = None
     model = adapt(model, variant, k)
@@ -154,6 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser, layers=4, hidden=2048, intermediate=5504, vocab=32000, batch=4, seq=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", help="a model to load instead of the random Llama (e.g. "
+                                        "embedded:smollm2-135m-instruct); --layers/--hidden/... are then ignored")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20])
@@ -174,6 +183,7 @@ def main() -> None:
         plan = [(v, k) for v, k in plan if v == "floor" or v in wanted]
     common = [f"--{name}={getattr(args, name)}" for name in
               ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads", "steps", "warmup")]
+    common += [f"--model={args.model}"] if args.model else []
     runs = {plan_key: [] for plan_key in plan}
     for round_ in range(args.repeats):  # interleaved rounds: a load change hits every variant alike
         for variant, k in plan:
@@ -196,15 +206,15 @@ def main() -> None:
                                if masked and row["variant"] in ("neuroada", "neuroada_peft") else None)
         inject = next((r for r in results if r["variant"] == "neuroada" and r["k"] == row["k"]), None)
         row["time_x_inject"] = row["step_s"] / inject["step_s"] if inject and row["variant"] == "neuroada_peft" else None
-    setup = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "vocab", "batch", "seq", "threads",
-                                           "steps", "repeats")}
+    shape = ("batch", "seq") if args.model else ("layers", "hidden", "intermediate", "vocab", "batch", "seq")
+    setup = {k: getattr(args, k) for k in (*shape, "threads", "steps", "repeats")}
     if args.json:
         print(json.dumps({"setup": setup, "results": results}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"train step, random Llama {setup}, fp32 CPU")
+    table = Table(title=f"train step, {args.model or 'random Llama'} {setup}, fp32 CPU")
     for column in ("variant", "k", "trainable", "step x floor", "peak mem x floor", "mem x masked", "step x inject"):
         table.add_column(column, justify="right")
     for row in results:

@@ -260,7 +260,7 @@ def randomise_deltas(model, seed: int = 2, scale: float = 0.05) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in neuroada_layers(model).values():
-            layer.neuroada_delta.copy_(torch.randn(layer.neuroada_delta.shape, generator=generator) * scale)
+            layer.delta.copy_(torch.randn(layer.delta.shape, generator=generator) * scale)
 
 
 def adapted(arch: str, k: int = 3, impl: str = "fused", dtype=torch.float32, scale: float = 0.05, **config):
@@ -284,7 +284,7 @@ def naive_forward(model, arch: str, inputs: dict):
     with torch.no_grad():
         for name, layer in neuroada_layers(model).items():
             target = modules[name]
-            dense = layer.neuroada_orig.float() + layer.neuroada_delta.float()
+            dense = layer.neuroada_orig.float() + layer.delta.float()
             weight = layer.base_layer.weight.detach().float().clone()
             weight.scatter_(1, layer.neuroada_idx, dense)
             target.weight.copy_(weight.to(target.weight.dtype))

@@ -30,8 +30,8 @@ def test_fused_equals_naive_reference_and_reference_impl(arch, k):
     out_fused.loss.backward()
     out_ref.loss.backward()
     for (name, a), (_, b) in zip(neuroada_layers(fused).items(), neuroada_layers(reference).items()):
-        assert a.neuroada_delta.grad is not None, name
-        torch.testing.assert_close(a.neuroada_delta.grad, b.neuroada_delta.grad, rtol=1e-4, atol=1e-7)
+        assert a.delta.grad is not None, name
+        torch.testing.assert_close(a.delta.grad, b.delta.grad, rtol=1e-4, atol=1e-7)
     for name, param in fused.named_parameters():
         if param.requires_grad is False:
             assert param.grad is None, f"frozen {name} got a gradient"
@@ -43,7 +43,7 @@ def test_bf16_base_fused_matches_reference_and_keeps_fp32_deltas(arch):
     fused = adapted(arch, dtype=torch.bfloat16)
     reference = adapted(arch, impl="reference", dtype=torch.bfloat16)
     for layer in neuroada_layers(fused).values():
-        assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.neuroada_delta.dtype == torch.float32
+        assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.delta.dtype == torch.float32
     out_fused, out_ref = fused(**inputs), reference(**inputs)
     assert out_fused.logits.dtype == torch.bfloat16  # the option took effect: the model really runs in bf16
     torch.testing.assert_close(out_fused.logits, out_ref.logits, rtol=0, atol=0)
@@ -52,9 +52,9 @@ def test_bf16_base_fused_matches_reference_and_keeps_fp32_deltas(arch):
     out_fused.loss.backward()
     out_ref.loss.backward()
     for a, b in zip(neuroada_layers(fused).values(), neuroada_layers(reference).values()):
-        assert a.neuroada_delta.grad.dtype == torch.float32
-        scale = b.neuroada_delta.grad.abs().max().clamp_min(1e-6)
-        assert ((a.neuroada_delta.grad - b.neuroada_delta.grad).abs().max() / scale) < 0.05
+        assert a.delta.grad.dtype == torch.float32
+        scale = b.delta.grad.abs().max().clamp_min(1e-6)
+        assert ((a.delta.grad - b.delta.grad).abs().max() / scale) < 0.05
 
 
 def test_autocast_bf16_grads_match_reference():
@@ -66,8 +66,8 @@ def test_autocast_bf16_grads_match_reference():
     out_fused.loss.backward()
     out_ref.loss.backward()
     for a, b in zip(neuroada_layers(fused).values(), neuroada_layers(reference).values()):
-        scale = b.neuroada_delta.grad.abs().max().clamp_min(1e-6)
-        assert ((a.neuroada_delta.grad - b.neuroada_delta.grad).abs().max() / scale) < 0.05
+        scale = b.delta.grad.abs().max().clamp_min(1e-6)
+        assert ((a.delta.grad - b.delta.grad).abs().max() / scale) < 0.05
 
 
 def test_layers_whose_selection_is_few_columns_save_only_those_columns():
@@ -104,7 +104,7 @@ def test_layers_whose_selection_is_few_columns_save_only_those_columns():
     out_fused.loss.backward()
     out_ref.loss.backward()
     for a, b in zip(neuroada_layers(fused).values(), neuroada_layers(reference).values()):
-        torch.testing.assert_close(a.neuroada_delta.grad, b.neuroada_delta.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a.delta.grad, b.delta.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_gated_mlp_input_is_recomputed_from_its_factors_not_kept_twice():
@@ -123,7 +123,7 @@ def test_gated_mlp_input_is_recomputed_from_its_factors_not_kept_twice():
     fused, reference = NeuroAdaLinear(base, idx), NeuroAdaLinear(copy.deepcopy(base), idx, impl="reference")
     for layer in (fused, reference):
         with torch.no_grad():
-            layer.neuroada_delta.copy_(torch.randn(5, 3, generator=torch.Generator().manual_seed(3)))
+            layer.delta.copy_(torch.randn(5, 3, generator=torch.Generator().manual_seed(3)))
 
     def run(layer, a, b):
         return layer(a * b)
@@ -132,7 +132,7 @@ def test_gated_mlp_input_is_recomputed_from_its_factors_not_kept_twice():
     assert torch.autograd.gradcheck(lambda a, b: run(fused, a, b), (a, b), atol=1e-8)
     run(fused, a, b).pow(2).sum().backward()
     run(reference, a, b).pow(2).sum().backward()
-    torch.testing.assert_close(fused.neuroada_delta.grad, reference.neuroada_delta.grad)
+    torch.testing.assert_close(fused.delta.grad, reference.delta.grad)
     # in a Llama, down_proj is fed act(gate) * up: the factor path is the one taken there
     model = adapted("llama")
     seen = []
@@ -192,7 +192,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_bitwise(arch):
         merge(model)
         for name, layer in neuroada_layers(model).items():
             expected = pristine.get_submodule(name).weight.clone()
-            expected.scatter_(1, layer.neuroada_idx, layer.neuroada_orig + layer.neuroada_delta)
+            expected.scatter_(1, layer.neuroada_idx, layer.neuroada_orig + layer.delta)
             assert torch.equal(layer.base_layer.weight, expected), name
         after = model(**inputs).logits
         torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
@@ -262,8 +262,8 @@ def test_bf16_reload_of_same_base_is_accepted_and_applies_the_adapter(tmp_path):
         load_adapter(same_bf16, tmp_path / "adapter")
         loaded_error = (same_bf16(**inputs).logits.float() - model(**inputs).logits).abs().max()
     for name, layer in neuroada_layers(same_bf16).items():
-        assert layer.neuroada_delta.dtype == torch.float32
-        assert torch.equal(layer.neuroada_delta, neuroada_layers(model)[name].neuroada_delta), name
+        assert layer.delta.dtype == torch.float32
+        assert torch.equal(layer.delta, neuroada_layers(model)[name].delta), name
     assert loaded_error < 0.2 * base_error  # only bf16 rounding is left of the adapter's effect
 
 
@@ -299,7 +299,7 @@ def test_updates_below_bf16_resolution_accumulate_in_the_fp32_delta_and_reach_th
     with torch.no_grad():
         start = model(**inputs).logits
         for i in range(64):
-            layer.neuroada_delta.add_(step)  # what an optimizer step does
+            layer.delta.add_(step)  # what an optimizer step does
             stored_in_w.add_(step)  # the same updates applied to the bf16 weight itself
             if i % 8 == 7:
                 model(**inputs)  # the fused layer rewrites W from the delta in forward
@@ -326,7 +326,7 @@ def test_gradient_checkpointing_gives_same_delta_grads():
         model(**inputs).loss.backward()
     assert calls == {"plain": 1, "checkpointed": 2}  # checkpointing took effect: backward recomputed the layer
     for a, b in zip(neuroada_layers(plain).values(), neuroada_layers(checkpointed).values()):
-        torch.testing.assert_close(a.neuroada_delta.grad, b.neuroada_delta.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(a.delta.grad, b.delta.grad, rtol=1e-5, atol=1e-8)
 
 
 def test_only_deltas_bias_and_head_are_trainable_and_counted():

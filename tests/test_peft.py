@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import neuroada_cli
 from neuroada_cli import NeuroAdaConfig, NeuroAdaPeftConfig, inject, load_adapter, neuroada_layers, save_adapter
 from neuroada_cli.errors import UserError
-from neuroada_cli.core.peft_layer import NeuroAdaPeftLinear
+from neuroada_cli.core.layer import NeuroAdaLinear as NeuroAdaPeftLinear
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel, get_peft_model  # noqa: E402
@@ -83,7 +83,7 @@ def test_get_peft_model_trains_on_the_fused_path_and_counts_like_inject():
     for name, layer in model.base_model.model.named_modules():
         if isinstance(layer, NeuroAdaPeftLinear):
             assert layer.base_layer.weight.grad is None  # no dense dW anywhere
-            torch.testing.assert_close(layer.neuroada_delta["default"].grad, plain_layers[name].neuroada_delta.grad)
+            torch.testing.assert_close(layer.neuroada_delta["default"].grad, plain_layers[name].delta.grad)
     losses = train(model, input_ids)
     assert losses[-1] < losses[0] - 1e-3
 
@@ -114,7 +114,7 @@ def test_save_reload_is_bitwise_and_compact(tmp_path):
 def test_save_adapter_writes_the_peft_layout(tmp_path):
     model = inject(tiny_llama(seed=3), NeuroAdaConfig(k=2, target_modules=TARGETS, train_bias=True))
     for layer in neuroada_layers(model).values():
-        torch.nn.init.normal_(layer.neuroada_delta, std=0.05)
+        torch.nn.init.normal_(layer.delta, std=0.05)
     input_ids = ids()
     expected = logits(model, input_ids)
     save_adapter(model, tmp_path / "a")
@@ -156,7 +156,7 @@ def test_stored_adapter_of_the_first_release_still_loads():
     layers = neuroada_layers(model)
     assert set(layers) == {k.removesuffix(".delta") for k in stored if k.endswith(".delta")}
     for name, layer in layers.items():
-        assert torch.equal(layer.neuroada_delta.detach(), stored[f"{name}.delta"])
+        assert torch.equal(layer.delta.detach(), stored[f"{name}.delta"])
         assert torch.equal(layer.neuroada_idx, stored[f"{name}.indices"].long())
     out = logits(model, torch.tensor([info["probe_input_ids"]])).double()
     assert out.sum().item() == pytest.approx(info["probe_logits_sum"], abs=1e-3)
@@ -192,7 +192,7 @@ def test_several_adapters_switch_instantly_and_disable_gives_the_base(tmp_path, 
     base_state = {k: v.clone() for k, v in tiny_llama(seed=3).state_dict().items()}
     model = _load_all(dirs)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    shared = layer.neuroada_idx["task0"] is layer.neuroada_idx["task1"]
+    shared = layer.cell("task0", "neuroada_idx") is layer.cell("task1", "neuroada_idx")
     assert shared == (selections[1] == "magnitude")  # same selection on the same base: one index, one orig
     for name in ["task2", "task0", "task1", "task0", "task2"]:
         model.set_adapter(name)
@@ -297,7 +297,7 @@ def test_bf16_base_keeps_fp32_deltas_and_small_updates_survive():
         for _ in range(64):
             layer.neuroada_delta["default"].add_(1e-5)
     logits(model, input_ids)
-    cells = layer.base_layer.weight.gather(1, layer.neuroada_idx["default"])
-    orig = layer.neuroada_orig["default"]
+    cells = layer.base_layer.weight.gather(1, layer.cell("default", "neuroada_idx"))
+    orig = layer.cell("default", "neuroada_orig")
     assert torch.equal(cells, (orig.float() + layer.neuroada_delta["default"].detach()).to(torch.bfloat16))
     assert (cells != orig).any()  # a bf16 delta would have rounded every 1e-5 step away

@@ -39,10 +39,10 @@ def chosen_positions(layer) -> set[int]:
 def test_layer_and_global_place_exactly_the_per_neuron_budget(scope):
     model, _ = adapted(scope=scope)
     layers = neuroada_layers(model)
-    total = sum(layer.neuroada_delta.numel() for layer in layers.values())
+    total = sum(layer.delta.numel() for layer in layers.values())
     assert total == (10 + 16) * 2
     if scope == "layer":
-        assert [layer.neuroada_delta.numel() for layer in layers.values()] == [20, 32]
+        assert [layer.delta.numel() for layer in layers.values()] == [20, 32]
     for layer in layers.values():
         assert layer.general_layout and int(layer.neuroada_row_counts.sum()) == layer.neuroada_idx.numel()
         assert len(chosen_positions(layer)) == layer.neuroada_idx.numel()  # distinct cells
@@ -121,7 +121,7 @@ def test_only_the_chosen_cells_of_w_ever_change(overrides):
     model, pristine = adapted(**overrides)
     train_steps(model)
     for name, layer in neuroada_layers(model).items():
-        assert bool(layer.neuroada_delta.abs().gt(0).any())
+        assert bool(layer.delta.abs().gt(0).any())
         before, after = getattr(pristine, name).weight.reshape(-1), layer.base_layer.weight.reshape(-1)
         changed = set(torch.nonzero(before != after).view(-1).tolist())
         assert changed <= chosen_positions(layer)  # rows without cells, and unchosen cells, stay bitwise
@@ -135,7 +135,7 @@ def test_fused_matches_reference_in_outputs_and_delta_grads(overrides):
     for model in (fused, reference):
         for layer in neuroada_layers(model).values():
             with torch.no_grad():
-                layer.neuroada_delta.copy_(torch.linspace(-0.5, 0.5, layer.neuroada_delta.numel()))
+                layer.delta.copy_(torch.linspace(-0.5, 0.5, layer.delta.numel()))
     x = torch.randn(7, 12)
     outputs = []
     for model in (fused, reference):
@@ -144,7 +144,7 @@ def test_fused_matches_reference_in_outputs_and_delta_grads(overrides):
         outputs.append(out)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(neuroada_layers(fused).items(), neuroada_layers(reference).values()):
-        torch.testing.assert_close(a.neuroada_delta.grad, b.neuroada_delta.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.delta.grad, b.delta.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_cell_grad_fallback_matches_sampled_addmm(monkeypatch):
@@ -195,7 +195,7 @@ def test_injecting_saved_cells_reproduces_the_model():
     fresh = inject(TwoLayers(), model.neuroada_config, indices=saved)
     with torch.no_grad():
         for name, layer in neuroada_layers(fresh).items():
-            layer.neuroada_delta.copy_(neuroada_layers(model)[name].neuroada_delta)
+            layer.delta.copy_(neuroada_layers(model)[name].delta)
     x = torch.randn(4, 12)
     torch.testing.assert_close(fresh(x), model(x))
 
@@ -214,12 +214,14 @@ def test_config_validation_of_the_new_keys(overrides, message):
     assert "\n" not in str(caught.value)
 
 
-def test_peft_path_refuses_general_placement():
+def test_peft_path_takes_general_placement_like_inject():
+    """(was: refused) The PEFT face now builds the same layer, general layout included; more in test_peft_contract."""
     peft = pytest.importorskip("peft")
     from neuroada_cli.core.peft_tuner import NeuroAdaPeftConfig
 
-    with pytest.raises(UserError, match="not supported through PEFT"):
-        peft.get_peft_model(TwoLayers(), NeuroAdaPeftConfig(k=2, target_modules=["q_proj"], scope="layer"))
+    model = peft.get_peft_model(TwoLayers(), NeuroAdaPeftConfig(k=2, target_modules=["q_proj"], scope="layer"))
+    layers = neuroada_layers(model)
+    assert layers and all(layer.general_layout for layer in layers.values())
 
 
 @pytest.mark.parametrize("compact", [False, True])
@@ -237,7 +239,7 @@ def test_general_layer_grads_match_the_dense_gradient_also_with_compact_inputs(c
     layer(x).backward(grad_out)
     dense = grad_out.reshape(-1, 5).t() @ x.reshape(-1, 9)
     rows = torch.repeat_interleave(torch.arange(5), counts)
-    torch.testing.assert_close(layer.neuroada_delta.grad, dense[rows, cols])
+    torch.testing.assert_close(layer.delta.grad, dense[rows, cols])
 
 
 def test_a_layer_left_without_cells_by_global_scope_still_trains_and_reloads():
@@ -254,7 +256,7 @@ def test_a_layer_left_without_cells_by_global_scope_still_trains_and_reloads():
 
     model = inject(Outlier(), NeuroAdaConfig(k=2, target_modules=["q_proj", "up_proj"], scope="global"))
     layers = neuroada_layers(model)
-    assert layers["up_proj"].neuroada_delta.numel() == 0 and layers["q_proj"].neuroada_delta.numel() == 24
+    assert layers["up_proj"].delta.numel() == 0 and layers["q_proj"].delta.numel() == 24
     pristine = Outlier().up_proj.weight
     train_steps_on = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(torch.randn(2, 8)).sum().backward()
@@ -285,4 +287,4 @@ def test_general_layouts_round_trip_through_the_adapter_file(tmp_path, config):
         other = loaded_layers[name]
         assert torch.equal(layer.neuroada_row_counts, other.neuroada_row_counts)
         assert torch.equal(layer.neuroada_idx, other.neuroada_idx)
-        assert torch.equal(layer.neuroada_delta, other.neuroada_delta)
+        assert torch.equal(layer.delta, other.delta)

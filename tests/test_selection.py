@@ -112,3 +112,28 @@ def test_paper_trainable_percentages_on_meta_models(name):
         count = count_parameters(model)
         assert round(count.percent, 3) == expected, (name, k, count.percent)
         assert count.trainable == count.bypass
+
+
+def test_one_selection_table_names_exactly_the_configs_rules():
+    from neuroada_cli.core.config import SELECTIONS
+
+    assert tuple(selection.PER_ROW_RULES) == SELECTIONS
+    weight = torch.randn(6, 9)
+    for rule in ("magnitude", "reverse", "random"):
+        idx = selection.columns(rule, weight, 3, 0, "layer")
+        assert idx.shape == (6, 3) and torch.equal(idx, torch.sort(idx, dim=1).values), rule
+    with pytest.raises(UserError, match="needs training batches"):
+        selection.columns("gradient", weight, 3, 0, "layer")
+    with pytest.raises(UserError, match="unknown"):
+        selection.columns("largest", weight, 3, 0, "layer")
+
+
+def test_the_config_constants_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, neuroada_cli.core.config as c, neuroada_cli.core as core; "
+            "assert c.MODES and c.SELECTIONS; "
+            "bad = [m for m in ('torch', 'peft', 'transformers', 'bitsandbytes') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,8 @@
 """Adapter files in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` (never pickle).
 
 One format for ``save_adapter`` and ``PeftModel.save_pretrained`` (see peft_tuner.py for the keys): the
-config is a ``NeuroAdaPeftConfig`` (``"peft_type": "NEUROADA"``), so ``PeftModel.from_pretrained`` reads
+config is a ``NeuroAdaPeftConfig``'s JSON (``"peft_type": "NEUROADA"``, written by adapter_format.py without
+importing peft), so ``PeftModel.from_pretrained`` reads
 what ``save_adapter`` writes and ``load_adapter`` reads what PEFT writes. Per target layer the file holds
 the delta values ([d_out, k] fp32), their column indices in the smallest integer type that fits d_in
 (int16 up to 32767 inputs, else int32) and a fingerprint of the base values at those cells, checked on
@@ -23,13 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_directory
-from ..errors import UserError
+from ..errors import UserError, one_line, reading
 from .config import NeuroAdaConfig
+from .quantized import QUANTIZED_FINGERPRINT_RTOL
 from .model import saved_module_names, inject, neuroada_layers
-from .peft_tuner import (
+from .adapter_format import (
     PEFT_KEY_PREFIX,
     PEFT_TYPE_NAME,
-    NeuroAdaPeftConfig,
+    adapter_config_dict,
     base_digest,
     fingerprint,
     fingerprint_matches,
@@ -60,8 +62,8 @@ class AdapterContents:
     saved_modules: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> value
 
 
-def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], NeuroAdaPeftConfig]:
-    """The tensors and the PEFT config save_adapter writes ."""
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the adapter_config.json content (a NeuroAdaPeftConfig's fields) save_adapter writes."""
     layers = neuroada_layers(model)
     config: NeuroAdaConfig | None = getattr(model, "neuroada_config", None)
     if not layers or config is None:
@@ -69,7 +71,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], NeuroAdaPe
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         key = PEFT_KEY_PREFIX + name
-        tensors[f"{key}.neuroada_delta"] = layer.neuroada_delta.detach().float().cpu().contiguous()
+        tensors[f"{key}.neuroada_delta"] = layer.delta.detach().float().cpu().contiguous()
         tensors[f"{key}.neuroada_indices"] = layer.neuroada_idx.to(index_dtype(layer.in_features)).cpu().contiguous()
         if layer.neuroada_row_counts is not None:  # counts <= d_in, so the index dtype holds them
             counts = layer.neuroada_row_counts.to(index_dtype(layer.in_features)).cpu().contiguous()
@@ -81,10 +83,8 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], NeuroAdaPe
         for pname, param in model.get_submodule(saved).named_parameters():
             tensors[f"{PEFT_KEY_PREFIX}{saved}.{pname}"] = param.detach().cpu().contiguous()
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    peft_config = NeuroAdaPeftConfig.from_neuroada(
-        config, base_model_name_or_path=base_name, inference_mode=True,
-        base_fingerprint=base_digest({name: layer.neuroada_orig for name, layer in layers.items()}),
-    )
+    peft_config = adapter_config_dict(config, base_name,
+                                      base_digest({name: layer.neuroada_orig for name, layer in layers.items()}))
     return tensors, peft_config
 
 
@@ -94,7 +94,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_directory(path) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        peft_config.save_pretrained(str(staging))
+        # PeftConfig.save_pretrained's bytes: sorted keys, indent 2, no newline at the end
+        (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return path
 
 
@@ -125,24 +126,18 @@ def read_adapter(path: str | os.PathLike) -> AdapterContents:
 
 
 def _short(err: Exception) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text[:120] + ("..." if len(text) > 120 else "")
+    return one_line(err, 123)
 
 
 def _read_files(config_file: Path, weights_file: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """adapter_config.json and the tensors; a truncated or garbled file is an error naming it."""
-    try:
+    fix = "restore the adapter from its run or retrain it"
+    with reading(config_file, "adapter config", fix):
         meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{str(config_file)!r} is damaged (not valid JSON: {_short(err)}); restore the adapter "
-                        "from its run or retrain it") from None
     if not isinstance(meta, dict):
         raise UserError(f"{str(config_file)!r} is damaged (not a JSON object); restore the adapter or retrain it")
-    try:
+    with reading(weights_file, "adapter weights", fix):
         tensors = load_file(str(weights_file))
-    except Exception as err:  # safetensors raises its own error type for a truncated or garbled header
-        raise UserError(f"{str(weights_file)!r} is damaged (truncated or not a safetensors file: {_short(err)}); "
-                        "restore the adapter from its run or retrain it") from None
     return meta, tensors
 
 
@@ -180,8 +175,7 @@ def _check_contents(contents: AdapterContents, path: Path) -> None:
 
 
 def _from_peft(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterContents:
-    config = NeuroAdaPeftConfig(**{k: v for k, v in meta.items() if k in NeuroAdaPeftConfig.__dataclass_fields__
-                                   and k not in ("peft_type", "auto_mapping")}).to_neuroada()
+    config = NeuroAdaConfig.from_dict(meta)  # validates every field (one home for the rules and messages)
     contents = AdapterContents(config=config, base_model=meta.get("base_model_name_or_path"),
                                indices={}, deltas={}, fingerprints={})
     suffixes = (".neuroada_delta", ".neuroada_indices", ".neuroada_fingerprint", ".neuroada_row_counts")
@@ -240,8 +234,14 @@ def _check_shapes(model: nn.Module, contents: AdapterContents, where: str) -> No
                             f"{found}; load it onto the model it was trained on")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, impl: str | None = None) -> nn.Module:
-    """Apply a saved adapter: inject with its saved cells if needed, check the base, copy the values."""
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, impl: str | None = None, mode: str | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Apply a saved adapter: inject with its saved cells if needed, check the base, copy the values.
+
+    ``mode`` overrides the saved neuroada.mode (e.g. unmerged on a shared base). ``weights`` (layer name ->
+    full-precision W): on a quantized base, the original values and the fingerprint check come from them;
+    without them the check compares the dequantized values with a tolerance for the quantization error.
+    """
     # Guard (engineer D, issue 10 (e)): one adapter per model. Loading over an existing adapter would
     # silently replace its values or mix two selections; the caller must start from a fresh base.
     if neuroada_layers(model) or hasattr(model, "peft_config"):
@@ -249,18 +249,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, impl: str | None 
                         "(or call unload(model) first)")
     contents = read_adapter(path)
     where = str(path)
-    config = contents.config if not impl else NeuroAdaConfig.from_dict({**contents.config.to_dict(), "impl": impl})
+    overrides = {key: value for key, value in (("impl", impl), ("mode", mode)) if value}
+    config = contents.config if not overrides else NeuroAdaConfig.from_dict({**contents.config.to_dict(), **overrides})
     _check_shapes(model, contents, where)
     inject(model, config, indices={name: (contents.row_counts[name], idx) if name in contents.row_counts else idx
-                                   for name, idx in contents.indices.items()})
+                                   for name, idx in contents.indices.items()}, weights=weights)
     layers = neuroada_layers(model)
     for name, layer in layers.items():
         expected = contents.fingerprints.get(name)
-        if expected is not None and not fingerprint_matches(expected, fingerprint(layer.neuroada_orig)):
+        tolerance = QUANTIZED_FINGERPRINT_RTOL if layer.quantized and name not in (weights or {}) else None
+        if expected is not None and not fingerprint_matches(expected, fingerprint(layer.neuroada_orig), tolerance):
             raise wrong_base_error(where, name)
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.neuroada_delta.copy_(contents.deltas[name])
+            layer.delta.copy_(contents.deltas[name])
             if name in contents.biases:
                 layer.base_layer.bias.copy_(contents.biases[name])
         for param_name, value in contents.saved_modules.items():

@@ -34,6 +34,9 @@ class NeuroAdaConfig:
         (|W| un-normalised, as the authors' ablation). Ablation only; magnitude, reverse or random.
     neuron_fraction: only this seeded fraction of each layer's rows (round(f x d_out)) gets its k
         cells; the budget shrinks to round(f x d_out) x k per layer. scope=neuron only.
+    mode: merged (W holds orig + delta at the cells; the frozen model's forward), unmerged (W never
+        written; the forward adds the delta's sparse product: quantized or shared bases) or auto
+        (unmerged iff the layer is quantized).
     """
 
     k: int = 20
@@ -47,6 +50,7 @@ class NeuroAdaConfig:
     impl: str = "fused"
     scope: str = "neuron"
     neuron_fraction: float = 1.0
+    mode: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -59,6 +63,8 @@ class NeuroAdaConfig:
             raise UserError(f"neuroada selection={self.selection!r} is unknown; use one of {', '.join(SELECTIONS)}")
         if self.impl not in IMPLS:
             raise UserError(f"neuroada impl={self.impl!r} is unknown; use one of {', '.join(IMPLS)}")
+        if self.mode not in MODES:
+            raise UserError(f"neuroada mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         self._check_placement()
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise UserError("neuroada target_modules is empty; name at least one nn.Linear, e.g. [q_proj, v_proj]")
@@ -76,6 +82,15 @@ class NeuroAdaConfig:
         if self.scope != "neuron" and self.neuron_fraction < 1:
             raise UserError(f"neuroada neuron_fraction={self.neuron_fraction} applies to scope=neuron only; "
                             f"set neuroada.neuron_fraction=1 or neuroada.scope=neuron")
+
+    def layer_mode(self, quantized: bool) -> str:
+        """The mode one layer runs in: auto = unmerged iff its base is quantized."""
+        if self.mode == "auto":
+            return "unmerged" if quantized else "merged"
+        if self.mode == "merged" and quantized:
+            raise UserError("neuroada mode=merged cannot write a quantized base; use neuroada.mode=unmerged "
+                            "(or auto)")
+        return self.mode
 
     @property
     def per_row(self) -> bool:

@@ -1,226 +1,186 @@
-"""The NeuroAda linear layer: a frozen nn.Linear plus a trainable delta at d_out x k selected cells.
+"""The NeuroAda linear layer: a frozen linear layer plus trainable deltas at d_out x k selected cells.
 
-Two implementations, one result: ``y = F.linear(x, W + scatter(delta), b)``.
+ONE class serves ``inject`` (one adapter, "default"), the PEFT tuner (several named adapters, one active) and
+FSDP2. One result, ``y = base(x) + x @ scatter(delta)^T``, three ways to compute it (functions.py):
 
-fused (default)
-    The base weight is kept merged in place: the selected cells of W hold ``orig + delta`` (rounded
-    once from fp32 to W's dtype) and are rewritten in forward only after the delta changed (an
-    optimizer step, a load). The forward is then exactly the frozen model's matmul, and backward keeps
-    no W-sized tensor and forms no dense dW: the delta gradient is a sampled product over the selected
-    cells only, ``g[r, j] = sum_t dY[t, r] * X[t, idx[r, j]]``, a sampled dense-dense product (SDDMM)
-    with bounded scratch, never O(d_out x d_in). Of the input X only what that product needs is kept
-    (see FusedLinearFunction). The original values of the selected cells are kept aside (d_out x k), so
-    ``unmerge`` restores W bitwise.
-reference
-    Materialise ``W + scatter(delta)`` every forward and let autograd form the dense gradient: the
-    authors' approach, kept for tests and benchmarks.
+merged mode, impl=fused (default on full-precision bases)
+    W is kept merged in place: the cells hold ``orig + delta`` (rounded once from fp32 to W's dtype), rewritten
+    in forward only after the delta changed (an optimizer step, a load, an adapter switch). The forward is the
+    frozen model's matmul; backward forms only the sampled delta gradient (SDDMM over the cells, never a dense
+    dW). The original cell values are kept aside (d_out x k), so W comes back bitwise.
+unmerged mode (default on quantized bases; a user may pick it for a shared base)
+    W is never written; the forward adds the delta's sparse product from the selected input columns to
+    ``base_layer(x)`` (any base, bitsandbytes Linear4bit / Linear8bitLt included); backward gives the same
+    sampled delta gradient and the input gradient through both.
+impl=reference
+    ``W + scatter(delta)`` materialised every forward (unmerged: ``base(x) + x @ scatter(delta)^T``) with a dense
+    autograd gradient: the authors' approach, kept for tests and benchmarks.
 
 Deltas are fp32 whatever W's dtype, so many small updates accumulate instead of rounding away.
 
-Cell layouts: the method's fixed [d_out, k] (k cells per row, the fast path above) or, for the placement
-ablations (scope=layer|global, neuron_fraction < 1), a general CSR layout: ``(row_counts, cols)`` with a
-1-D delta [n]. No padding: a padded [d_out, k_max] layout would cost 9.3x the budget on SmolLM2-135M at
-k=20 with scope=global (magnitude piles up to 824 cells on one row), so the general layout stores the real
-cells only and its backward is ``sampled_cell_grad`` (sampled_addmm on the CSR pattern, gather fallback).
+Cell layouts: the method's [d_out, k] (k columns on every row) or, for the placement ablations, a general CSR
+layout ``(row_counts [d_out], cols [n])`` with a 1-D delta [n] (no padding: a padded layout would cost 9.3x
+the budget on SmolLM2-135M at k=20 with scope=global).
 
-What ``state_dict()`` holds, per layer: ``<name>.neuroada_delta`` (fp32 [d_out, k]) and the wrapped layer's
-``<name>.base_layer.weight`` / ``.bias``; the selected columns and the original cell values are
-non-persistent buffers, not in it. ``base_layer.weight`` is the weight the forward uses: under fused the
-selected cells hold ``orig + delta`` (written when the state dict is taken, so also right after an
-optimizer step), under reference the pristine W, after ``merge`` the merged W. A state dict therefore
-moves between models with the same base, selection and impl (deepcopy, resuming); adapters travel with
-``save_adapter`` / ``load_adapter``, a plain merged model comes from ``unload``.
+Adapters: ``neuroada_delta`` is a ParameterDict (adapter name -> delta); the ACTIVE adapter's cells are the
+buffers ``neuroada_idx`` (columns), ``neuroada_orig`` (original values), ``neuroada_row_counts`` (None on the
+per-row layout) and helpers; other adapters' cells wait in ``_cells``. Adapters selected on the same base usually
+pick the same cells; they then share one index and one ``orig``, and a switch is a single write. ``delta`` is
+the active adapter's parameter. ``state_dict()`` holds the deltas and the PRISTINE ``base_layer.weight`` (taking
+it restores the cells; the next forward rewrites them), so a state dict moves between models with the same base;
+loading a new base re-reads ``orig`` from it (a later disable or unload never writes old values over it).
 
-Sharded (FSDP2, ``neuroada_cli/strategies/``): ``cells_as_parameters()`` turns the selected columns and the
-original cells into frozen parameters, so that FSDP2 splits them along rows together with W and the delta
-(dim 0) and all-gathers the columns with W for the backward. The unsharded W seen in forward is a temporary
-copy, so a sharded layer never writes it: ``sync_cells()`` writes orig + delta into the LOCAL rows of the
-sharded W before FSDP2 gathers it (the strategy calls it from a hook that runs before the root's forward).
-Every cell write here goes through ``local_tensor``: on a sharded parameter it touches this process's rows only.
+Sharded (FSDP2, ``neuroada_cli/strategies/``): ``cells_as_parameters()`` turns the columns and original cells
+into frozen parameters, split along rows with W and the delta; the gathered W seen in forward is a temporary
+copy, so a sharded layer writes the LOCAL rows of W in ``sync_cells()`` (from a hook before FSDP2 gathers).
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .sddmm import sampled_cell_grad, sampled_delta_grad
+from ..errors import UserError
+from .functions import (
+    DeltaProductFunction,
+    DTensor,
+    FusedLinearFunction,
+    local_tensor,
+    optimizer_steps,
+    product_factors,
+)
+from .cells import CELL_NAMES, dense_delta, make_cells, read_cells
+from .quantized import is_quantized
 
-try:  # torch.distributed may be absent from a build; then nothing is ever sharded
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()
-
-# A delta's version counter misses some in-place updates: torch's fused AdamW (transformers' Trainer default on
-# torch >= 2.8) writes parameters without bumping ``_version``. Every optimizer step also bumps this counter, and
-# a fused layer rewrites its cells when either changed (one integer compare per forward).
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def optimizer_steps() -> int:
-    """Optimizer steps taken in this process (any torch optimizer), for the fused layers' "delta changed" check."""
-    return _OPTIMIZER_STEPS[0]
-
+__all__ = ["NeuroAdaLinear", "local_tensor", "optimizer_steps", "DTensor", "COMPACT_INPUT_FRACTION"]
 
 COMPACT_INPUT_FRACTION = 0.5  # keep only selected input columns when they (summed over siblings) are <= half
+LAYER_MODES = ("merged", "unmerged")
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's rows of a sharded (DTensor) parameter, or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """True under activation checkpointing / offloading hooks (or if this torch cannot tell us)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
-
-
-def product_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(a, b) if x = a * b and autograd already keeps a and b for that product's own backward.
-
-    Gated MLPs (Llama, Mistral, Qwen, SmolLM2) feed down_proj with act(gate) * up; both factors are
-    saved anyway, so backward can recompute x (bitwise: the same elementwise product) instead of a
-    second [tokens, d_ff] copy being kept. Under saved-tensor hooks (checkpointing) reading a saved
-    tensor could trigger recomputation, so the input is simply saved there.
-    """
-    if torch.compiler.is_compiling():  # autograd nodes are not inspectable while tracing
-        return None
-    node = x.grad_fn
-    if node is None or type(node).__name__ != "MulBackward0" or _saved_tensor_hooks_active():
-        return None
-    try:
-        a, b = node._saved_self, node._saved_other
-    except (AttributeError, RuntimeError):  # not saved (a frozen factor) or already released
-        return None
-    if a is None or b is None or any(t.shape != x.shape or t.dtype != x.dtype for t in (a, b)):
-        return None
-    return a, b
-
-
-class FusedLinearFunction(torch.autograd.Function):
-    """Forward with the (already merged) weight; backward gives dX, db and the sparse d(delta).
-
-    The delta gradient needs the layer input at the selected columns. What is kept for it, cheapest first:
-    the two factors of the input when they are kept anyway (``factors``, see product_factors); only the
-    selected columns when they are few (``input_cols`` given, e.g. k=1 on a layer whose largest weights
-    sit in a few input features; ``local_idx`` then points into them); else the input itself, which costs
-    nothing extra where sibling layers (q/k/v, gate/up) keep the same tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, input_cols, local_idx, factors, cell_rows=None):
-        kept = ()  # the two factors of x, or x (or its selected columns): what the delta gradient reads
-        if delta.requires_grad:
-            if factors is not None:
-                kept = factors
-            elif input_cols is not None:
-                kept = (x.reshape(-1, x.shape[-1]).index_select(1, input_cols),)
-            else:
-                kept = (x,)
-        grad_idx = idx if input_cols is None else local_idx
-        ctx.save_for_backward(weight, grad_idx, input_cols, *kept)
-        ctx.cell_rows = cell_rows  # (crow, rows) of the general layout, or None: the fixed [d_out, k] path
-        ctx.has_bias = bias is not None
-        ctx.x_dtype = x.dtype
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, grad_idx, input_cols, *kept = ctx.saved_tensors
-        grad_x = grad_bias = grad_delta = None
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[0]:
-            grad_x = flat_grad @ weight.to(flat_grad.dtype)
-            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat_grad.sum(0)
-        if ctx.needs_input_grad[3]:
-            flat = [t.reshape(-1, t.shape[-1]) for t in kept]
-            if len(flat) == 2:  # factors: x = a * b, recomputed (at the selected columns only, if compact)
-                if input_cols is not None:
-                    flat = [t.index_select(1, input_cols) for t in flat]
-                flat = [flat[0] * flat[1]]
-            # bf16/fp16 autocast: the product was computed from x cast to grad_out's dtype; do the same.
-            if ctx.cell_rows is None:
-                grad_delta = sampled_delta_grad(flat_grad, flat[0].to(flat_grad.dtype), grad_idx)
-            else:
-                grad_delta = sampled_cell_grad(flat_grad, flat[0].to(flat_grad.dtype), *ctx.cell_rows, grad_idx)
-        return grad_x, None, grad_bias, grad_delta, None, None, None, None, None
+def _after_load(layer: "NeuroAdaLinear", incompatible_keys) -> None:
+    if layer._base_reloaded:
+        layer._base_loaded()
 
 
 class NeuroAdaLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) with a delta at its selected cells.
+    """Wraps a frozen linear layer (``base_layer``) with fp32 deltas at its selected cells, one per adapter.
 
-    ``idx`` is either the method's fixed layout, [d_out, k] columns (k cells on every row; delta [d_out, k]),
-    or the general layout of the placement ablations (scope=layer|global, neuron_fraction < 1), a pair
-    ``(row_counts [d_out], cols [n])`` in CSR order (sorted by row, then column; rows may hold no cell;
-    delta [n]). The general layout stores exactly the real cells (no padding), so nothing can write an
-    empty slot into W and the trainable count is the cell count. Then ``neuroada_idx`` holds ``cols``,
-    ``neuroada_row_counts`` the counts (None on the fixed layout) and ``k`` is None.
+    ``idx``: [d_out, k] columns, or ``(row_counts, cols)`` in CSR order (general layout). ``orig``: the original
+    values at the cells when W cannot be read (a quantized base: the full-precision values, so the adapter
+    merges exactly into that base); by default read from W (dequantized if quantized).
     """
 
-    def __init__(self, base_layer: nn.Linear, idx, impl: str = "fused", train_bias: bool = False,
-                 compact_input: bool = False):
+    adapter_layer_names = ("neuroada_delta",)  # PEFT's names for the per-adapter containers
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, idx, *, impl: str = "fused", mode: str = "merged",
+                 train_bias: bool = False, compact_input: bool = False, orig: torch.Tensor | None = None,
+                 adapter_name: str = "default"):
         super().__init__()
-        weight = base_layer.weight
-        d_out, d_in = weight.shape
-        row_counts = None
-        if isinstance(idx, (tuple, list)):
-            row_counts, idx = (torch.as_tensor(t).to(device=weight.device, dtype=torch.long) for t in idx)
-            if row_counts.shape != (d_out,) or idx.dim() != 1 or int(row_counts.sum()) != idx.numel():
-                raise ValueError(f"cells with {tuple(row_counts.shape)} row counts and {tuple(idx.shape)} columns "
-                                 f"do not fit a weight of shape {(d_out, d_in)}")
-        elif idx.dim() != 2 or idx.shape[0] != d_out:
-            raise ValueError(f"indices of shape {tuple(idx.shape)} do not fit a weight of shape {(d_out, d_in)}")
         self.base_layer = base_layer
-        self.impl = impl
-        self.k = idx.shape[1] if row_counts is None else None
-        weight.requires_grad_(False)
-        if base_layer.bias is not None:
+        self.quantized = is_quantized(base_layer)
+        if mode not in LAYER_MODES:
+            raise ValueError(f"layer mode {mode!r} is not one of {LAYER_MODES}")
+        if mode == "merged" and self.quantized:
+            raise UserError(f"a quantized layer ({type(base_layer).__name__}) cannot hold merged cells; "
+                            "use neuroada.mode=unmerged (or auto)")
+        self.impl, self.mode = impl, mode
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        for name in CELL_NAMES:  # the active adapter's cells; buffers so they follow .to(device)
+            self.register_buffer(name, None, persistent=False)
+        self.neuroada_delta = nn.ParameterDict()
+        self._cells: dict[str, dict] = {}  # adapter -> its cell tensors (the active one's are the buffers above)
+        self._cells_owner: str | None = None  # adapter whose cells the buffers hold
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._written: str | None = None  # adapter whose orig + delta W holds at its cells (None: pristine)
+        self._written_version = None
+        self.sharded = False  # set by strategies.shard_model: forward must not write the (gathered) W
+        self._base_reloaded = False
+        self.register_load_state_dict_post_hook(_after_load)
+        base_layer.weight.requires_grad_(False)
+        if getattr(base_layer, "bias", None) is not None:
             base_layer.bias.requires_grad_(train_bias)
-        idx = idx.to(device=weight.device, dtype=torch.long)
-        # Buffers, not parameters: they follow .to(device) but are saved only through save_adapter.
-        self.register_buffer("neuroada_idx", idx, persistent=False)
-        self.register_buffer("neuroada_row_counts", row_counts, persistent=False)
-        cell_rows = crow = None
-        if row_counts is not None:  # each cell's row and the CSR row pointers, for W writes and the backward
-            cell_rows = torch.repeat_interleave(torch.arange(d_out, device=weight.device), row_counts)
-            crow = torch.cat([row_counts.new_zeros(1), row_counts.cumsum(0)])
-        self.register_buffer("neuroada_cell_rows", cell_rows, persistent=False)
-        self.register_buffer("neuroada_crow", crow, persistent=False)
-        orig = (weight.detach().gather(1, idx) if row_counts is None
-                else weight.detach().reshape(-1)[self._positions(idx, d_in)])
-        self.register_buffer("neuroada_orig", orig.clone(), persistent=False)
-        input_cols = local_idx = None
-        if compact_input and idx.numel():  # backward keeps only the selected input columns (see FusedLinearFunction)
-            input_cols, local_idx = torch.unique(idx, return_inverse=True)
-        self.register_buffer("neuroada_input_cols", input_cols, persistent=False)
-        self.register_buffer("neuroada_local_idx", local_idx, persistent=False)
-        self.neuroada_delta = nn.Parameter(torch.zeros(idx.shape, dtype=torch.float32, device=weight.device))
-        self.merged = False  # True after merge(): delta baked into W, no longer applied or trained
-        self._synced_version = None  # delta version last written into W by the fused path
-        self.sharded = False  # set by strategy.shard_model: forward must not write the (temporary) gathered W
+        self.update_layer(adapter_name, idx, orig=orig, compact_input=compact_input)
+
+    # ----- cells -----------------------------------------------------------------------------------------
+    def _make_cells(self, idx, orig, compact_input: bool) -> dict:
+        return make_cells(self.base_layer, self.quantized, idx, orig, compact_input)
+
+    def _read_cells(self, cells: dict) -> torch.Tensor:
+        return read_cells(self.base_layer, self.quantized, cells)
+
+    def cell(self, adapter: str, name: str):
+        return getattr(self, name) if adapter == self._cells_owner else self._cells[adapter][name]
+
+    def _own_cells(self, adapter: str) -> None:
+        """Make ``adapter``'s cells the layer's buffers (what forward and the FSDP strategy read)."""
+        if adapter == self._cells_owner or adapter not in self._cells:
+            return
+        if self._cells_owner in self._cells:
+            self._cells[self._cells_owner] = {name: getattr(self, name) for name in CELL_NAMES}
+        for name, value in self._cells[adapter].items():
+            setattr(self, name, value)
+        self._cells_owner = adapter
+
+    def _apply(self, fn, recurse=True):
+        """.to()/.cuda(): move the waiting adapters' cells too, keeping shared tensors shared."""
+        before = {name: getattr(self, name) for name in CELL_NAMES}
+        result = super()._apply(fn, recurse)
+        moved = {id(before[n]): getattr(self, n) for n in CELL_NAMES if before[n] is not None}
+        for adapter, cells in self._cells.items():
+            if adapter == self._cells_owner:
+                continue
+            for name, value in cells.items():
+                if value is not None:
+                    cells[name] = moved.setdefault(id(value), fn(value))
+        return result
+
+    def update_layer(self, adapter_name: str, idx, *, orig: torch.Tensor | None = None,
+                     compact_input: bool = False, inference_mode: bool = False) -> None:
+        """Add an adapter (zero delta) at ``idx``, or re-point an existing one at new cells (a load)."""
+        self._show(None)  # selection and orig must see the pristine base
+        cells = self._make_cells(idx, orig, compact_input)
+        for other, other_cells in ((n, self._cells[n]) for n in self._cells if n != adapter_name):
+            other_idx = self.cell(other, "neuroada_idx")
+            if other_idx.shape == cells["neuroada_idx"].shape and torch.equal(other_idx, cells["neuroada_idx"]) \
+                    and (self.cell(other, "neuroada_row_counts") is None) == (cells["neuroada_row_counts"] is None):
+                cells = {name: self.cell(other, name) for name in CELL_NAMES}  # share: a switch is one write
+                break
+        if adapter_name == self._cells_owner:
+            self._cells_owner = None  # its buffers are replaced below
+        self._cells[adapter_name] = cells
+        old = self.neuroada_delta[adapter_name] if adapter_name in self.neuroada_delta else None
+        if old is None or old.shape != cells["neuroada_idx"].shape:
+            self.neuroada_delta[adapter_name] = nn.Parameter(torch.zeros(
+                cells["neuroada_idx"].shape, dtype=torch.float32, device=self.base_layer.weight.device))
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def use_compact_input(self, adapter_name: str) -> None:
+        """Backward keeps only the selected input columns (decided per sibling group by the caller)."""
+        cols, local = torch.unique(self.cell(adapter_name, "neuroada_idx"), return_inverse=True)
+        for name, value in (("neuroada_input_cols", cols), ("neuroada_local_idx", local)):
+            if adapter_name == self._cells_owner:
+                setattr(self, name, value)
+            else:
+                self._cells[adapter_name][name] = value
+
+    # ----- the single-adapter view (inject, FSDP, save_adapter) ---------------------------------------------
+    @property
+    def delta(self) -> nn.Parameter:
+        """The active adapter's delta."""
+        return self.neuroada_delta[self._active_name() or next(iter(self.neuroada_delta))]
+
+    @property
+    def k(self) -> int | None:
+        idx = self.neuroada_idx
+        return None if self.neuroada_row_counts is not None or idx is None else idx.shape[1]
 
     @property
     def general_layout(self) -> bool:
         return self.neuroada_row_counts is not None
-
-    def _positions(self, idx: torch.Tensor, d_in: int) -> torch.Tensor:
-        """Flat positions in W.view(-1) of the cells at columns ``idx`` (either layout)."""
-        if self.neuroada_cell_rows is not None:
-            return self.neuroada_cell_rows * d_in + idx
-        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * d_in
-        return (rows + idx).reshape(-1)
 
     @property
     def weight(self) -> torch.Tensor:  # so code that inspects module.weight still works
@@ -230,113 +190,292 @@ class NeuroAdaLinear(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
 
     def cells_as_parameters(self) -> None:
-        """Hold the selected columns and original cells as frozen parameters (rows sharded with W); idempotent.
+        """Hold the columns and original cells as frozen parameters (rows sharded with W); idempotent.
 
         Only for sharding: they then appear in state_dict() and parameters() (count_parameters skips them).
         """
         if self.general_layout:  # cells are not aligned with W's rows, so FSDP2's row split cannot carry them
-            from ..errors import UserError
-
             raise UserError("neuroada scope=layer|global or neuron_fraction < 1 cannot be sharded; "
                             "use trainer.strategy=ddp or scope=neuron with neuron_fraction=1")
+        if len(self.neuroada_delta) > 1:
+            raise UserError("a NeuroAda layer with several adapters cannot be sharded; keep one adapter")
         for name in ("neuroada_idx", "neuroada_orig"):
             if name in self._buffers:
                 value = self._buffers.pop(name)
                 self._non_persistent_buffers_set.discard(name)  # else state-dict tools still skip the name
                 self.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        self._cells[self._cells_owner] = {name: getattr(self, name) for name in CELL_NAMES}
 
-    def merged_values(self) -> torch.Tensor:
+    # ----- writing cells (merged mode) ---------------------------------------------------------------------
+    def merged_values(self, adapter: str | None = None) -> torch.Tensor:
         """orig + delta in fp32, rounded once to W's dtype (this process's rows when sharded)."""
-        orig, delta = local_tensor(self.neuroada_orig), local_tensor(self.neuroada_delta)
+        adapter = adapter or self._active_name() or next(iter(self.neuroada_delta))
+        orig = local_tensor(self.cell(adapter, "neuroada_orig"))
+        delta = local_tensor(self.neuroada_delta[adapter])
         return (orig.float() + delta.detach()).to(self.base_layer.weight.dtype)
 
-    def flat_indices(self) -> torch.Tensor:
-        """Positions of the selected cells in W.view(-1) (computed, not stored: saves 8 bytes a cell)."""
-        weight, idx = local_tensor(self.base_layer.weight), local_tensor(self.neuroada_idx)
-        return self._positions(idx, weight.shape[1])
-
     @torch.no_grad()
-    def _write_cells(self, values: torch.Tensor) -> None:
-        local_tensor(self.base_layer.weight).view(-1).index_copy_(0, self.flat_indices(), values.reshape(-1))
+    def _write(self, adapter: str, values: torch.Tensor) -> None:
+        if self.quantized:
+            raise UserError("a quantized base layer cannot be written; merge into a full-precision or dequantized "
+                            "copy of the base instead (neuroada export / eval.merge)")
+        weight, idx = local_tensor(self.base_layer.weight), local_tensor(self.cell(adapter, "neuroada_idx"))
+        rows = self.cell(adapter, "neuroada_cell_rows")
+        if rows is None:  # scatter_ along rows: no flat index to build, about 2x faster than index_copy_
+            weight.scatter_(1, idx, values)
+        else:
+            weight.index_put_((rows, idx), values.reshape(-1))
 
-    def _sync_fused(self) -> None:
-        """Write orig + delta into W if the delta changed since the last write (cheap: d_out x k cells)."""
+    def _show(self, adapter: str | None) -> None:
+        """Make W hold ``adapter``'s orig + delta at its cells (None: the pristine base); only what changed."""
+        if adapter is None:
+            if self._written is not None:
+                self._write(self._written, local_tensor(self.cell(self._written, "neuroada_orig")))
+            self._written = self._written_version = None
+            return
+        delta = self.neuroada_delta[adapter]
+        if delta.is_meta or self.cell(adapter, "neuroada_orig").is_meta:
+            return  # low_cpu_mem_usage: the values arrive later (load_state_dict(assign=True)); write then
         # the parameter's own version (a sharded DTensor's in-place updates bump it, not its local tensor's)
-        version = (self.neuroada_delta._version, local_tensor(self.neuroada_delta).data_ptr(), optimizer_steps())
-        if version != self._synced_version:
-            self._write_cells(self.merged_values())
-            self._synced_version = version
-
-    def sync_cells(self) -> None:
-        """Sharded fused layer: bring the local rows of W up to date; only while W is sharded (between steps)."""
-        if self.impl == "fused" and not self.merged and isinstance(self.base_layer.weight, DTensor):
-            self._sync_fused()
+        version = (delta._version, local_tensor(delta).data_ptr(), optimizer_steps())
+        if self._written == adapter and self._written_version == version:
+            return
+        if self._written not in (None, adapter) and \
+                self.cell(self._written, "neuroada_idx") is not self.cell(adapter, "neuroada_idx"):
+            self._show(None)  # other cells: put the originals back before writing the new ones
+        self._write(adapter, self.merged_values(adapter))
+        self._written, self._written_version = adapter, version
 
     def restore_cells(self) -> None:
-        self._write_cells(local_tensor(self.neuroada_orig))
-        self._synced_version = None
+        """W back to the pristine base at every written cell (bitwise)."""
+        self._show(None)
+
+    def sync_cells(self) -> None:
+        """Sharded merged layer: bring the local rows of W up to date; only while W is sharded (between steps)."""
+        name = self._active_name()
+        if self._writes_cells() and not self.merged and name and isinstance(self.base_layer.weight, DTensor):
+            self._show(name)
+
+    def _writes_cells(self) -> bool:
+        return self.impl == "fused" and self.mode == "merged" and not self._disable_adapters
 
     def set_impl(self, impl: str) -> None:
         """Switch implementation; W holds pristine cells under reference, merged cells under fused."""
-        if impl == self.impl:
-            return
-        if self.impl == "fused" and not self.merged:
-            self.restore_cells()
+        if impl != self.impl and not self.merged:
+            self._show(None)
         self.impl = impl
 
-    def merge(self) -> None:
-        if not self.merged:
-            self._write_cells(self.merged_values())
-            self.merged = True
-            self._synced_version = None
+    # ----- adapters (PEFT's tuner-layer interface) -----------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self):
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _active_name(self) -> str | None:
+        present = [name for name in self._active_adapter if name in self.neuroada_delta]
+        if len(present) > 1:
+            raise UserError(f"NeuroAda applies one adapter at a time; active adapters are {present}: "
+                            "call set_adapter(<one name>)")
+        return present[0] if present else None
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        """Activate ``adapter_names`` (only they train) and, merged mode, write the active adapter's cells now."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, delta in self.neuroada_delta.items():
+            delta.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = names
+        active = self._active_name()
+        if active is not None:
+            self._own_cells(active)
+        if not self.merged and not self._disable_adapters and self._writes_cells():
+            self._show(active)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for key, delta in self.neuroada_delta.items():
+            if key in names:
+                delta.requires_grad_(requires_grad)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """disable: the base weight again, bitwise, even after a merge; enable: back to what was before."""
+        if enabled:
+            self._disable_adapters = False
+            self.set_adapter(self.active_adapters)
+            if self.merged:
+                self._show(self.merged_adapters[0])
+        else:
+            for delta in self.neuroada_delta.values():
+                delta.requires_grad_(False)
+            self._disable_adapters = True
+            if not self.quantized:
+                self._show(None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.neuroada_delta:
+            return
+        if self._written == adapter_name or adapter_name in self.merged_adapters:
+            self._show(None)
+            self.merged_adapters = [n for n in self.merged_adapters if n != adapter_name]
+        del self.neuroada_delta[adapter_name]
+        cells = self._cells.pop(adapter_name)
+        if self._cells_owner == adapter_name:
+            self._cells_owner = None
+            for name in CELL_NAMES:
+                setattr(self, name, None)
+        del cells
+        remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.neuroada_delta)[:1]
+        self.set_adapter(remaining)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Bake one adapter into W (under fused merged mode it already is): the forward stops applying or
+        training it. ``adapter_names`` absent from this layer are skipped."""
+        if self.quantized:
+            raise UserError("cannot merge into a quantized base layer; merge into a full-precision or dequantized "
+                            "copy of the base instead (neuroada export, eval.merge=true)")
+        wanted = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in wanted if n in self.neuroada_delta and n not in self.merged_adapters]
+        if not names:
+            return
+        if len(names) > 1 or self.merged_adapters:
+            raise UserError(f"NeuroAda merges one adapter per layer; asked for {names}, "
+                            f"already merged {self.merged_adapters}")
+        name = names[0]
+        if safe_merge and not torch.isfinite(self.merged_values(name).float()).all():
+            raise UserError(f"NeuroAda adapter {name!r} has non-finite values; it cannot be merged")
+        self._show(name)
+        self._written_version = None  # a merged snapshot: later delta changes are not written
+        self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Restore the original values of the selected cells bitwise; the delta is applied again.
-
-        A no-op when not merged: under fused W already holds what the forward needs.
-        """
+        """Restore the original cells bitwise; the active adapter is applied again (a no-op if not merged)."""
         if not self.merged:
             return
-        self.restore_cells()
-        self.merged = False
+        self._show(None)
+        self.merged_adapters.clear()
 
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        """The plain base layer: merged with the named adapter if this layer holds it, else pristine."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        if not self.merged and not self.quantized:
+            self._show(None)  # e.g. merge_and_unload(adapter_names=["B"]) on a layer holding only A
+        return self.base_layer
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        """PEFT hook for variants with frozen adapter weights; every NeuroAda delta trains."""
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return sorted(self.neuroada_delta)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.neuroada_delta)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        """After a low_cpu_mem_usage load: the delta on W's device (kept fp32), cells rewritten on next forward."""
+        if adapter_name not in self.neuroada_delta:
+            return
+        device = device or self.base_layer.weight.device
+        delta = self.neuroada_delta[adapter_name]
+        if delta.device != torch.device(device) and not delta.is_meta:
+            self.neuroada_delta[adapter_name] = nn.Parameter(delta.detach().to(device),
+                                                             requires_grad=delta.requires_grad)
+
+    def flat_indices(self) -> torch.Tensor:
+        """Positions of the active adapter's cells in W.view(-1) (either layout; this process's rows)."""
+        idx, rows = local_tensor(self.neuroada_idx), self.neuroada_cell_rows
+        if rows is None:
+            rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+        return (rows * self.in_features + idx).reshape(-1)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense update W_merged - W (for inspection; never used on the training path)."""
+        return self._dense_delta(adapter_name).detach()
+
+    def _dense_delta(self, adapter: str) -> torch.Tensor:
+        return dense_delta(self.neuroada_delta[adapter], self.cell(adapter, "neuroada_idx"),
+                           self.cell(adapter, "neuroada_cell_rows"), self.out_features, self.in_features)
+
+    # ----- state dict ----------------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # The fused path rewrites W only in forward; bring it up to date so that a state dict taken after an
-        # optimizer step holds the current orig + delta (see the module docstring), not the previous one.
-        if self.impl == "fused" and not self.merged:
-            self.sync_cells() if self.sharded else self._sync_fused()
+        # The state dict holds the pristine base (PEFT's get_base_model_state_dict, FSDP's lean load); the next
+        # forward (or the sharded strategy's hook) writes the cells again: d_out x k values.
+        if not self.merged and self._written is not None:
+            self._show(None)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # the base layer loads after this; _base_loaded (a post hook) re-reads the cells once it has
+        self._base_reloaded = prefix + "base_layer.weight" in state_dict and not self.quantized
+
+    def _base_loaded(self) -> None:
+        """A new base arrived (set_base_model_state_dict): its values at the cells are the originals now."""
+        self._base_reloaded = False
+        self._written = self._written_version = None
+        for adapter in self._cells:
+            if "neuroada_orig" in self._buffers or adapter != self._cells_owner:  # sharded: orig loads itself
+                value = self._read_cells({n: self.cell(adapter, n) for n in CELL_NAMES})
+                self.cell(adapter, "neuroada_orig").copy_(value)
         if self.merged:
-            return base(x)
-        if self.impl == "reference":
-            update = torch.zeros(base.weight.shape, dtype=torch.float32, device=base.weight.device)
-            if self.general_layout:
-                update = update.view(-1).index_add(0, self.flat_indices(), self.neuroada_delta).view(update.shape)
-            else:
-                update = update.scatter(1, self.neuroada_idx, self.neuroada_delta)
-            weight = (base.weight.float() + update).to(base.weight.dtype)
+            self._show(self.merged_adapters[0])
+
+    # ----- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        name = None if self._disable_adapters else self._active_name()
+        if name is None:
+            if self._written is not None:
+                self._show(None)
+            return base(x, *args, **kwargs)
+        if self.merged:
+            if self._written != self.merged_adapters[0]:  # re-enabled after disable_adapter()
+                self._show(self.merged_adapters[0])
+            return base(x, *args, **kwargs)
+        delta = self.neuroada_delta[name]
+        if self.impl == "reference":  # the authors' way: W + scatter(delta), dense autograd gradient
+            self._show(None)
+            if self.mode == "unmerged":
+                return base(x, *args, **kwargs) + F.linear(x, self._dense_delta(name).to(x.dtype))
+            weight = (base.weight.float() + self._dense_delta(name)).to(base.weight.dtype)
             return F.linear(x, weight, base.bias)
-        if not self.sharded:  # sharded: W here is a gathered copy; the strategy's hook synced the local rows
-            self._sync_fused()
-        if not torch.is_grad_enabled():
-            return base(x)
-        factors = product_factors(x) if self.neuroada_delta.requires_grad else None
+        factors = product_factors(x) if delta.requires_grad and torch.is_grad_enabled() else None
         cell_rows = (self.neuroada_crow, self.neuroada_cell_rows) if self.general_layout else None
-        return FusedLinearFunction.apply(x, base.weight, base.bias, self.neuroada_delta, self.neuroada_idx,
-                                         self.neuroada_input_cols, self.neuroada_local_idx, factors, cell_rows)
+        if self.mode == "unmerged":
+            out = base(x, *args, **kwargs)
+            cols = self.neuroada_idx.reshape(-1)
+            product = DeltaProductFunction.apply(x, delta, cols, self.neuroada_crow, self.neuroada_idx,
+                                                 self.neuroada_input_cols, self.neuroada_local_idx, factors,
+                                                 cell_rows)
+            return out + product.to(out.dtype)
+        if not self.sharded:  # sharded: W here is a gathered copy; the strategy's hook synced the local rows
+            self._show(name)
+        if not torch.is_grad_enabled() or not delta.requires_grad:
+            return base(x, *args, **kwargs)  # the frozen model's forward (W already holds the adapter)
+        rewrite = None if self.sharded else (lambda: self._show(name))
+        return FusedLinearFunction.apply(x, base.weight, base.bias, delta, self.neuroada_idx,
+                                         self.neuroada_input_cols, self.neuroada_local_idx, factors, cell_rows,
+                                         rewrite)
 
     def extra_repr(self) -> str:
         cells = f"k={self.k}" if self.k is not None else f"cells={self.neuroada_idx.numel()}"
-        return f"in={self.in_features}, out={self.out_features}, {cells}, impl={self.impl}, merged={self.merged}"
+        adapters = "" if list(self.neuroada_delta) == ["default"] else f", adapters={list(self.neuroada_delta)}"
+        return (f"in={self.in_features}, out={self.out_features}, {cells}, impl={self.impl}, mode={self.mode}, "
+                f"merged={self.merged}{adapters}")

@@ -1,8 +1,10 @@
 """Model-level operations: inject NeuroAda layers, merge / unmerge / unload, count parameters."""
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from ..errors import UserError
 from . import selection
 from .config import NeuroAdaConfig
 from .layer import COMPACT_INPUT_FRACTION, NeuroAdaLinear
+from .quantized import check_weight_shape, dequantized_weight, is_quantized
 
 _REGEX_CHARS = set(".*+?[](){}|^$\\")
 
@@ -29,6 +32,7 @@ def name_matches(name: str, patterns: list[str]) -> bool:
 
 
 def neuroada_layers(model: nn.Module) -> dict[str, NeuroAdaLinear]:
+    """Every NeuroAda layer by module name (the inject and PEFT faces build the same class)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, NeuroAdaLinear)}
 
 
@@ -145,31 +149,44 @@ def _covered(idx: torch.Tensor, config: NeuroAdaConfig, name: str, d_in: int):
     return selection.keep_rows(idx, rows, d_in)
 
 
-def select(targets: dict[str, nn.Linear], config: NeuroAdaConfig) -> dict:
-    """Cells of every target layer (not gradient selection, done by _gradient_scores with the batches).
+def select(weights: dict[str, torch.Tensor], config: NeuroAdaConfig) -> dict:
+    """Cells of every layer from its weight [d_out, d_in] (every rule but gradient, which needs batches).
 
-    scope=neuron gives [d_out, k] columns (or, with neuron_fraction < 1, the covered rows' cells);
-    layer and global scopes give (row_counts, cols) placed by raw score (see selection.cell_scores).
+    The one selection path (inject, the PEFT tuner, the quantized base). scope=neuron gives [d_out, k] columns
+    (or, with neuron_fraction < 1, the covered rows' cells); layer and global scopes give (row_counts, cols)
+    placed by raw score (see selection.cell_scores).
     """
     if config.scope == "neuron":
         chosen = {}
-        for name, module in targets.items():
-            if config.selection == "magnitude":
-                idx = selection.magnitude(module.weight, config.k)
-            elif config.selection == "reverse":
-                idx = selection.reverse(module.weight, config.k)
-            else:
-                idx = selection.random_columns(*module.weight.shape, config.k, config.seed, name, module.weight.device)
-            chosen[name] = idx if config.neuron_fraction >= 1 else _covered(idx, config, name, module.in_features)
+        for name, weight in weights.items():
+            idx = selection.columns(config.selection, weight, config.k, config.seed, name)
+            chosen[name] = idx if config.neuron_fraction >= 1 else _covered(idx, config, name, weight.shape[1])
         return chosen
-    scored = {name: selection.cell_scores(config.selection, module.weight, config.seed, name)
-              for name, module in targets.items()}
+    scored = {name: selection.cell_scores(config.selection, weight, config.seed, name)
+              for name, weight in weights.items()}
     largest = config.selection != "reverse"
     if config.scope == "layer":
-        return {name: selection.top_cells(scores, module.out_features * config.k, largest)
-                for (name, (scores, _)), module in zip(scored.items(), targets.values())}
-    budget = sum(module.out_features * config.k for module in targets.values())
+        return {name: selection.top_cells(scores, weights[name].shape[0] * config.k, largest)
+                for name, (scores, _) in scored.items()}
+    budget = sum(weight.shape[0] * config.k for weight in weights.values())
     return selection.top_cells_global({name: scores for name, (scores, _) in scored.items()}, budget, largest)
+
+
+def selection_weights(targets: dict[str, nn.Module], weights: dict[str, torch.Tensor] | None) -> dict:
+    """The weight each layer is selected on: the given full-precision one, else its own (dequantized) weight."""
+    weights = weights or {}
+    return {name: check_weight_shape(weights[name], module, name).detach() if name in weights
+            else (dequantized_weight(module) if is_quantized(module) else module.weight.detach())
+            for name, module in targets.items()}
+
+
+def cell_values(weight: torch.Tensor, cells) -> torch.Tensor:
+    """The values of ``weight`` at the cells (either layout): the original values an adapter carries."""
+    if isinstance(cells, (tuple, list)):
+        counts, cols = (torch.as_tensor(t).long().to(weight.device) for t in cells)
+        rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=weight.device), counts)
+        return weight[rows, cols]
+    return weight.gather(1, cells.long().to(weight.device))
 
 
 def compact_input_layers(targets: dict[str, nn.Linear], chosen: dict[str, torch.Tensor]) -> set[str]:
@@ -199,27 +216,50 @@ def inject(
     gradient_batches=None,
     *,
     indices: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Freeze ``model`` and wrap every target nn.Linear in a NeuroAdaLinear; returns the same model.
+    """Freeze ``model`` and wrap every target linear layer in a NeuroAdaLinear; returns the same model.
 
     ``indices`` (layer name -> [d_out, k] columns, or (row_counts, cols) cells) skips selection; load_adapter
-    uses it.
+    uses it. ``weights`` (layer name -> full-precision W, e.g. read before quantizing): selection runs on them
+    and, in the unmerged mode, the original cell values (fingerprint, merge target) come from them. A
+    quantized layer without one is selected on its dequantized weight (ties -> lower column).
     """
     targets = find_targets(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
+    unknown = sorted(set(weights or {}) - set(targets))
+    if unknown:
+        raise UserError(f"weights were given for {unknown[0]!r}, which is not a target layer of this model; "
+                        "pass weights keyed by the target layers' module names")
+    modes = {name: config.layer_mode(is_quantized(module)) for name, module in targets.items()}
     if indices is None and config.selection == "gradient":
+        if any(is_quantized(module) for module in targets.values()):
+            raise UserError("neuroada selection=gradient is not available on a quantized base; "
+                            "use selection=magnitude (chosen on the full-precision weights)")
         indices = _gradient_scores(model, targets, gradient_batches or [], config.k)
         if config.neuron_fraction < 1:
             indices = {name: _covered(idx, config, name, targets[name].in_features) for name, idx in indices.items()}
-    chosen = dict(indices) if indices is not None else select(targets, config)
-    missing = [name for name in targets if name not in chosen]
+    given = dict(indices) if indices is not None else {}
+    if config.scope == "global" and indices is None:  # one budget over all layers: every weight at once
+        given = select(selection_weights(targets, weights), config)
+    missing = [name for name in targets if indices is not None and name not in given]
     if missing:
         raise UserError(f"the adapter has no indices for layer {missing[0]!r}; it was made for another model")
+    chosen, origs = {}, {}
+    for name, module in targets.items():  # layer by layer: one dequantized copy at a time on a quantized base
+        source = None
+        if name not in given or (modes[name] == "unmerged" and (weights or is_quantized(module))):
+            source = selection_weights({name: module}, {name: weights[name]} if name in (weights or {}) else None)
+            source = source[name]
+        chosen[name] = given[name] if name in given else select({name: source}, config)[name]
+        if modes[name] == "unmerged" and source is not None:
+            origs[name] = cell_values(source, chosen[name])
     compact = compact_input_layers(targets, chosen)
     for name, module in targets.items():
-        _replace(model, name, NeuroAdaLinear(module, chosen[name], impl=config.impl, train_bias=config.train_bias,
-                                             compact_input=name in compact))
+        _replace(model, name, NeuroAdaLinear(module, chosen[name], impl=config.impl, mode=modes[name],
+                                             train_bias=config.train_bias, compact_input=name in compact,
+                                             orig=origs.get(name)))
     for saved in saved_module_names(model, config.modules_to_save):
         for param in model.get_submodule(saved).parameters():
             param.requires_grad_(True)
@@ -227,6 +267,27 @@ def inject(
         raise UserError(f"modules_to_save {config.modules_to_save} match no module of this model")
     model.neuroada_config = config
     return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: every NeuroAda layer (either face, either mode, any adapter) computes its base's forward bitwise
+    and writes no cells; on exit everything is as before (merged-in-place cells come back at the next forward,
+    merged layers at exit). One cell write per layer each way: cheap enough per micro-batch (preference tuning's
+    reference pass). A model without NeuroAda layers: a no-op."""
+    layers = list(neuroada_layers(model).values())
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+        if not layer.quantized:
+            layer.restore_cells()
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, before):
+            layer._disable_adapters = was_disabled
+            if layer.merged and not was_disabled:
+                layer._show(layer.merged_adapters[0])
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -281,7 +342,7 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     layers = neuroada_layers(model)
-    delta_ids = {id(layer.neuroada_delta) for layer in layers.values()}
+    delta_ids = {id(delta) for layer in layers.values() for delta in layer.neuroada_delta.values()}
     bias_ids = {id(layer.base_layer.bias) for layer in layers.values() if layer.base_layer.bias is not None}
     config = getattr(model, "neuroada_config", None)
     head_ids = set()

@@ -128,3 +128,33 @@ def keep_rows(idx: torch.Tensor, rows: torch.Tensor, d_in: int) -> tuple[torch.T
     rows = rows.to(idx.device)
     positions = (rows.unsqueeze(1) * d_in + idx.index_select(0, rows)).reshape(-1)
     return cells_from_positions(positions, d_out, d_in)
+
+
+# ---- The one table of selection rules -----------------------------------------------------------------------
+# Every path (inject, the PEFT tuner, load, the CLI) selects through ``columns`` / ``cell_scores`` below, so a rule
+# added here behaves the same everywhere; core.config.SELECTIONS names the same rules (a test checks they match).
+# gradient is scored from training batches (core.model._gradient_scores) and has no weight-only scorer.
+
+def _random_rule(weight: torch.Tensor, k: int, seed: int, name: str) -> torch.Tensor:
+    return random_columns(*weight.shape, k, seed, name, weight.device)
+
+
+PER_ROW_RULES = {
+    "magnitude": lambda weight, k, seed, name: magnitude(weight, k),
+    "reverse": lambda weight, k, seed, name: reverse(weight, k),
+    "random": _random_rule,
+    "gradient": None,  # needs batches: see core.model._gradient_scores
+}
+
+
+def columns(rule: str, weight: torch.Tensor, k: int, seed: int, name: str) -> torch.Tensor:
+    """[d_out, k] columns of one layer chosen by ``rule`` (ties -> lower column, identical on every run)."""
+    from ..errors import UserError
+
+    if rule not in PER_ROW_RULES:
+        raise UserError(f"neuroada selection={rule!r} is unknown; use one of {', '.join(PER_ROW_RULES)}")
+    scorer = PER_ROW_RULES[rule]
+    if scorer is None:
+        raise UserError(f"neuroada selection={rule} needs training batches; use neuroada_cli.inject(model, "
+                        "config, gradient_batches) or selection=magnitude")
+    return scorer(weight, k, seed, name)
