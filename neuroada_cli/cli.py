@@ -2,6 +2,9 @@
 
 A user mistake (``UserError``, a bad override, a bad value) is printed as one line on stderr and the
 exit code is 2; never a traceback. ``-h``/``--help`` after any subcommand prints its help.
+
+The fast face: ``--help``, ``ls``, ``cp`` and ``validate`` import neither torch, transformers nor peft (they
+answer in a fraction of a second); only the commands that load a model (``MODEL_COMMANDS``) pay for them.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 import warnings
 
 from . import commands, config
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, one_line
 
 TRAIN_HELP = """usage: neuroada train [recipe=NAME|PATH.yaml] [key=value | +key=value | ~key ...] [--cfg job] [-m]
 
@@ -87,6 +90,8 @@ COMMANDS = {
     "cp": (commands.copy_recipe, "copy a packaged recipe to a file you edit (then recipe=./that.yaml)", CP_HELP),
 }
 
+MODEL_COMMANDS = ("train", "eval", "export")  # the ones that import torch / transformers (library chatter to quiet)
+
 OVERVIEW = """usage: neuroada <command> [arguments]   (neuroada <command> --help for examples)
 
 commands:
@@ -124,14 +129,16 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(loads_models: bool) -> None:
     """Library chatter would break the one-line error contract and clutter the progress bar."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|accelerate|peft)\.")
-    for name in ("transformers", "accelerate", "peft", "datasets", "torch.distributed"):
+    for name in ("transformers", "accelerate", "peft", "datasets", "torch.distributed", "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not loads_models:
+        return  # importing transformers here would cost the fast commands seconds
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -149,12 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         if "-h" in args[1:] or "--help" in args[1:]:
             print(_help(args[0]))
             return 0
-        _quiet_libraries()
+        _quiet_libraries(args[0] in MODEL_COMMANDS)
         _setup_logging()
         return COMMANDS[args[0]][0](args[1:]) or 0
     except UserError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(err, None)}", file=sys.stderr)
         return 130 if isinstance(err, Interrupted) else 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -267,11 +267,14 @@ def group_lines() -> list[str]:
 
 
 def config_keys_text() -> str:
-    """The schema's keys per section, for ``neuroada train --help``."""
-    lines = ["keys (section: keys):"]
-    for section in ("model", "task", "neuroada", "lora", "data", "optimizer", "trainer", "eval"):
-        lines.append(f"  {section + ':':<10} {', '.join(config.section_keys(section))}")
+    """The schema's keys per section, for ``neuroada train --help``: every section of the schema, in its order."""
+    from .config_schema import section_names, top_level_values
     from .methods import METHOD_NAMES
 
-    lines.append(f"  {'top level:':<10} recipe (set by recipe=NAME|PATH), method ({' | '.join(METHOD_NAMES)})")
+    names = section_names()
+    width = max(map(len, names)) + 2
+    lines = ["keys (section: keys):"]
+    lines += [f"  {section + ':':<{width}} {', '.join(config.section_keys(section))}" for section in names]
+    notes = {"recipe": "recipe (set by recipe=NAME|PATH)", "method": f"method ({' | '.join(METHOD_NAMES)})"}
+    lines.append(f"  {'top level:':<{width}} {', '.join(notes.get(key, key) for key in top_level_values())}")
     return "\n".join(lines)

@@ -5,6 +5,8 @@ or of configs/train.yaml with Hydra's override grammar (``key=v``, ``+key=v``, `
 ``validate`` checks it against the schema (config_schema.py): an unknown key anywhere (also one merged
 in by a recipe, which Hydra's struct mode does not catch) or a bad value is a one-line ``UserError``
 naming what is valid. ``sweep_jobs`` expands ``-m`` sweeps with Hydra's public override parser.
+Hydra and OmegaConf are imported inside the functions that compose or validate: ``neuroada --help``, ``ls``
+and ``cp`` only list and copy files.
 """
 from __future__ import annotations
 
@@ -14,9 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from typing import TYPE_CHECKING
 
 from . import paths
 from .config_schema import (
@@ -24,6 +24,9 @@ from .config_schema import (
     section_keys,
 )
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 __all__ = ["accumulation_steps", "compose", "eval_config_for_run", "load_run_config", "recipe_names",
            "resolve_recipe", "sweep_jobs", "to_yaml", "validate"]
@@ -41,6 +44,8 @@ def run_stamp() -> str:
 
 
 def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
     if not OmegaConf.has_resolver("run_name"):
@@ -52,17 +57,45 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in paths.recipes_dir().glob("*.yaml"))
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+_EXAMPLE = "neuroada cp smollm2_commonsense my.yaml writes one that works"
+
+
 def resolve_recipe(recipe: str) -> Path:
-    """The YAML file of ``recipe=``: a packaged recipe name, or a path to a file (``./my.yaml``)."""
-    if recipe.endswith((".yaml", ".yml")) or os.sep in recipe or "/" in recipe:
-        path = Path(recipe).expanduser()
+    """The YAML file of ``recipe=``: a packaged recipe name, or a path to a file (``./my.yaml``), checked."""
+    path = Path(recipe).expanduser()
+    if recipe.endswith(RECIPE_SUFFIXES) or os.sep in recipe or "/" in recipe or (path.suffix and path.is_file()):
         if not path.is_file():
             raise UserError(f"recipe file {recipe!r} does not exist; give a YAML file or a recipe name "
                             f"(`neuroada ls` lists them)")
+        if path.suffix not in RECIPE_SUFFIXES:
+            raise UserError(f"recipe file {recipe!r} is not a .yaml file; a recipe is a YAML file named NAME.yaml "
+                            f"({_EXAMPLE})")
+        check_recipe_file(path)
         return path.resolve()
     if recipe not in recipe_names():
         raise UserError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(recipe_names())}")
     return paths.recipes_dir() / f"{recipe}.yaml"
+
+
+def check_recipe_file(path: Path) -> None:
+    """A user's recipe file is YAML holding a mapping of config keys with a ``defaults`` list; else one line
+    naming the file and the fix (Hydra would print a long traceback or blame a key it never got)."""
+    import yaml
+
+    from .errors import describe
+
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception as err:  # yaml's syntax errors, UnicodeDecodeError, OSError: all one line
+        raise UserError(f"recipe file {str(path)!r} cannot be read: {describe(err)}; fix it ({_EXAMPLE})") from None
+    if not isinstance(content, dict):
+        found = {type(None): "is empty", str: "holds plain text"}.get(type(content), "holds a YAML list or value")
+        raise UserError(f"recipe file {str(path)!r} {found}; a recipe is a YAML mapping that starts with "
+                        f"`defaults: [train, _self_]` and holds the keys it changes ({_EXAMPLE})")
+    if "defaults" not in content:
+        raise UserError(f"recipe file {str(path)!r} has no `defaults:` list, so it builds on no config; add "
+                        f"`defaults: [train, _self_]` at its top ({_EXAMPLE})")
 
 
 def recipe_header(path: Path) -> tuple[str, str]:
@@ -85,6 +118,7 @@ def _compose_in(config_dir: Path, config_name: str, overrides: list[str], recipe
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     configs = paths.configs_dir()
     search = [] if config_dir == configs else [f"hydra.searchpath=['file://{_quoted(configs)}']"]
@@ -102,6 +136,8 @@ def _quoted(path: Path) -> str:
 def compose(recipe: str | None, overrides: list[str]) -> DictConfig:
     """Compose a recipe (name or YAML path; its ``defaults: [train, ...]`` resolve against the packaged
     configs/) or configs/train.yaml, with Hydra overrides; not yet validated."""
+    from omegaconf import open_dict
+
     register_resolvers()
     if recipe is None:
         cfg = _compose_in(paths.configs_dir(), "train", overrides, None)
@@ -182,6 +218,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 # ------------------------------------------------------------------------------------- validation
 def validate(cfg: DictConfig, world_size: int | None = None) -> DictConfig:
     """Schema (unknown keys, types) + value checks; returns a resolved, typed copy."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     register_resolvers()
     check_unknown_keys(cfg)
     try:
@@ -191,6 +230,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> DictConfig:
         key = getattr(err, "full_key", None)
         raise UserError(f"bad value{f' for {key}' if key else ''}: {_one_line(err)}") from None
     check_values(typed, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    if typed.eval.merge is None:  # auto: a quantized base is evaluated unmerged (merging would dequantize it whole)
+        typed.eval.merge = typed.model.quantization is None
     return typed
 
 
@@ -207,6 +248,8 @@ def _run_config_path(run_dir: str | os.PathLike) -> Path:
 
 def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
     """The validated config.yaml of a finished (or running) training run."""
+    from omegaconf import OmegaConf
+
     path = _run_config_path(run_dir)
     register_resolvers()
     return validate(OmegaConf.load(path), world_size=1)
@@ -230,4 +273,6 @@ def eval_config_for_run(run: str | os.PathLike, overrides: list[str]) -> DictCon
 
 
 def to_yaml(cfg: DictConfig) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(cfg, resolve=True)

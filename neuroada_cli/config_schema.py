@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
-
-from omegaconf import DictConfig, ListConfig
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 # Keys that were removed: an old config using one gets this one-line fix instead of "unknown key".
 REPLACED_KEYS = {
@@ -39,6 +40,8 @@ class ModelSection:
 
 @dataclass
 class NeuroAdaSection:
+    """core.config.NeuroAdaConfig's fields with the same defaults (tests/test_config.py checks it, and that
+    configs/neuroada/default.yaml gives these values), plus the training-side gradient_batches."""
     k: int = 20
     selection: str = "magnitude"
     target_modules: Any = field(default_factory=lambda: list(LLAMA_PROJECTIONS))  # a list of names, or all-linear
@@ -136,7 +139,7 @@ class EvalSection:
     max_new_tokens: Optional[int] = None
     commonsense_rule: str = "trigger"
     aqua_rule: str = "authors"
-    merge: bool = True
+    merge: Optional[bool] = None          # null = auto: merge (fp32) unless model.quantization is set
     after_train: bool = False
     output_dir: Optional[str] = None
     adapter: Optional[str] = None         # set by the CLI: the adapter to evaluate (null = base model)
@@ -175,6 +178,16 @@ def schema_keys(schema) -> list[str]:
     return [f.name for f in fields(schema)]
 
 
+def section_names() -> list[str]:
+    """The config's sections (model, task, neuroada, ...), in the schema's order: what `train --help` lists."""
+    return [f.name for f in fields(RunConfig) if section_schema(f.name) is not None]
+
+
+def top_level_values() -> list[str]:
+    """The top-level keys that are plain values (recipe, method)."""
+    return [f.name for f in fields(RunConfig) if section_schema(f.name) is None]
+
+
 def section_schema(section: str):
     """The dataclass of a dotted section ('' = top level), or None if there is no such section."""
     schema = RunConfig
@@ -203,6 +216,8 @@ def valid_keys_text(section: str) -> str:
 # ------------------------------------------------------------------------------------- unknown keys
 def check_unknown_keys(node: Any, schema=None, prefix: str = "") -> None:
     """UserError naming the first key that the schema does not have (recursing into sections)."""
+    from omegaconf import DictConfig
+
     schema = schema or RunConfig
     if not isinstance(node, DictConfig):
         return
@@ -337,6 +352,8 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
 
 def check_finite(node: Any, prefix: str = "") -> None:
     """Every number must be finite: optimizer.lr=inf or a nan anywhere would train garbage (or nothing)."""
+    from omegaconf import DictConfig, ListConfig
+
     if isinstance(node, (DictConfig, ListConfig)):
         items = node.items() if isinstance(node, DictConfig) else enumerate(node)
         for key, value in items:

@@ -2,7 +2,7 @@
 
 Each strategy runs in its own pair of processes (gloo on CPU, NCCL on GPU: one device per process), on the
 same random Llama with NeuroAda k=20 on all seven projections, each process stepping on its own half of the
-global batch. ddp: every process builds the whole model, torch DDP. fsdp: neuroada_cli.strategies.lean_load
+global batch. ddp: every process builds the whole model, torch DDP. fsdp: neuroada_cli.strategies.fsdp.lean_load
 (process 0 builds the model, the others the meta-device structure; FSDP2 per decoder block and root).
 
 Reported per process, then the max over processes: parameter bytes held, peak memory during the measured
@@ -45,7 +45,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from neuroada_cli import strategy
+    from neuroada_cli.strategies import fsdp as strategy
 
     cuda = torch.cuda.is_available()
     rank = int(os.environ["RANK"])

@@ -177,14 +177,15 @@ def _bad_row_dir(tmp_path):
     return tmp_path / "bad"
 
 
-BAD_INPUTS = {  # the issue's list, each through a real process: stderr is one line, exit code 2
+BAD_INPUTS = {  # the issue's list, each through a real process: stderr is one line, exit code 2; each its own
+    # output dir (two run at once, and a second run on one directory is refused by the run lock)
     "unknown recipe": (lambda m, d, t: ["train", "recipe=nope"], "unknown recipe 'nope'; valid recipes: "),
     "unknown key": (lambda m, d, t: ["train", "trainer.foo=1"], "unknown key 'trainer.foo'; valid keys in trainer:"),
     "k = 0": (lambda m, d, t: ["train", "neuroada.k=0"], "neuroada.k=0 is invalid"),
-    "k > layer inputs": (lambda m, d, t: ["train", *tiny_overrides(m, d, t / "run"), "neuroada.k=100"],
+    "k > layer inputs": (lambda m, d, t: ["train", *tiny_overrides(m, d, t / "run_k"), "neuroada.k=100"],
                          "exceeds the 32 inputs"),
-    "missing data dir": (lambda m, d, t: ["train", *tiny_overrides(m, t / "nowhere", t / "run")], "does not exist"),
-    "malformed row": (lambda m, d, t: ["train", *tiny_overrides(m, _bad_row_dir(t), t / "run")],
+    "missing data dir": (lambda m, d, t: ["train", *tiny_overrides(m, t / "nowhere", t / "run_data")], "does not exist"),
+    "malformed row": (lambda m, d, t: ["train", *tiny_overrides(m, _bad_row_dir(t), t / "run_row")],
                       "row 1 has no text field 'output'"),
     "occupied output dir": (lambda m, d, t: ["train", *tiny_overrides(m, d, t / "taken")], "already holds a run"),
 }
@@ -253,3 +254,73 @@ def test_smollm2_recipe_end_to_end(tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(run / "merged").model_type == "llama"
+
+
+# ------------------------------------------------------------------------------------ the fast CLI face
+FAST_COMMANDS = [["--help"], ["train", "--help"], ["ls"], ["cp", "smollm2_commonsense", "{tmp}/copy.yaml"],
+                 ["validate", "recipe=smollm2_commonsense"], ["validate", "recipe={tmp}/copy.yaml", "neuroada.k=3"]]
+
+
+def test_fast_commands_import_no_torch(tmp_path):
+    """--help, ls, cp and validate in a fresh interpreter: after each, neither torch, transformers, peft nor
+    bitsandbytes is in sys.modules (they cost seconds to import; the commands answer in a fraction of one)."""
+    commands = [[arg.replace("{tmp}", str(tmp_path)) for arg in args] for args in FAST_COMMANDS]
+    script = f"""
+import sys
+from neuroada_cli.cli import main
+for args in {commands!r}:
+    code = main(args)
+    heavy = [name for name in ("torch", "transformers", "peft", "bitsandbytes") if name in sys.modules]
+    if code != 0 or heavy:
+        sys.exit(f"neuroada {{' '.join(args)}}: exit {{code}}, imported {{heavy}}")
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "copy.yaml").is_file()
+
+
+def test_python_api_stays_importable_from_the_package():
+    """The lazy exports resolve to the library's objects; a plain `import peft` after `import neuroada_cli`
+    registers NeuroAda with PEFT (also after an availability check such as transformers' find_spec)."""
+    script = """
+import importlib.util, sys
+import neuroada_cli
+assert "peft" not in sys.modules and "torch" not in sys.modules
+assert importlib.util.find_spec("peft") is not None and "peft" not in sys.modules
+from peft.utils import PeftType
+assert "NEUROADA" in PeftType.__members__, "not registered"
+from neuroada_cli.core.model import inject
+assert neuroada_cli.inject is inject
+for name in neuroada_cli.__all__:
+    assert getattr(neuroada_cli, name) is not None, name
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ recipe files
+RECIPE_FILES = {
+    "syntax.yaml": ("defaults:\n  - train\ntrainer:\n  epochs: [1\n", "not valid YAML"),
+    "notes.txt": ("train for two epochs please\n", "is not a .yaml file"),
+    "sentence.yaml": ("This is my recipe for a small model.\n", "holds plain text"),
+    "empty.yaml": ("", "is empty"),
+    "nodefaults.yaml": ("trainer:\n  epochs: 2\n", "has no `defaults:` list"),
+    "latin1.yaml": (b"defaults: [train]\n# caf\xe9\n", "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+@pytest.mark.parametrize("name", list(RECIPE_FILES))
+def test_broken_recipe_files_are_one_line_errors(name, command, tmp_path, capsys, monkeypatch):
+    content, expected = RECIPE_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    monkeypatch.chdir(tmp_path)
+    for recipe in (name, str(path)):  # as typed in the folder, and as a path
+        assert main([command, f"recipe={recipe}", f"trainer.output_dir={tmp_path / 'run'}"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and f"recipe file '{recipe}'" in lines[0], lines
+        assert "neuroada cp smollm2_commonsense my.yaml" in lines[0] or "does not exist" in lines[0]
+    assert not (tmp_path / "run").exists()

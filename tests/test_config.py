@@ -20,14 +20,16 @@ def test_no_private_hydra_api_anywhere():
 def _owners():
     from neuroada_cli.eval.base import SCORINGS
     from neuroada_cli.kinds import KIND_NAMES
-    from neuroada_cli.core.config import IMPLS, SELECTIONS
+    from neuroada_cli.core.config import IMPLS, MODES, SCOPES, SELECTIONS
     from neuroada_cli.methods import METHOD_NAMES
     from neuroada_cli.models import DTYPES, FAMILIES
+    from neuroada_cli.strategies import STRATEGIES
     from neuroada_cli.training.parts import PRECISION_TO_ACCELERATE
 
     return {"method": METHOD_NAMES, "task.kind": KIND_NAMES, "neuroada.selection": SELECTIONS,
-            "neuroada.impl": IMPLS, "eval.scoring": SCORINGS, "model.dtype": DTYPES, "model.family": FAMILIES,
-            "trainer.precision": tuple(PRECISION_TO_ACCELERATE)}
+            "neuroada.impl": IMPLS, "neuroada.scope": SCOPES, "neuroada.mode": MODES, "eval.scoring": SCORINGS,
+            "model.dtype": DTYPES, "model.family": FAMILIES, "trainer.precision": tuple(PRECISION_TO_ACCELERATE),
+            "trainer.strategy": STRATEGIES}
 
 
 @pytest.mark.parametrize("key", list(_owners()))
@@ -38,10 +40,60 @@ def test_allowed_values_are_the_owners_tables(key):
 
 
 def test_config_schema_holds_no_copies_of_the_owners_tables():
+    """No module-level value of config_schema equals an owner's table, and its source spells none of them out
+    (a copy would drift from its owner: a new selection rule or strategy would be refused)."""
     import neuroada_cli.config_schema as schema
 
-    for name in ("METHODS", "SELECTIONS", "IMPLS", "PRECISIONS", "SCORINGS", "KINDS", "DTYPES", "FAMILIES"):
-        assert not hasattr(schema, name), name
+    tables = {key: tuple(values) for key, values in _owners().items()}
+    for name, value in vars(schema).items():
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+            assert tuple(value) not in tables.values(), f"config_schema.{name} copies an owner's table"
+    source = (REPO / "neuroada_cli" / "config_schema.py").read_text()
+    for key, values in tables.items():
+        for quote in ('"', "'"):
+            spelled = ", ".join(f"{quote}{v}{quote}" for v in values[:2])
+            assert len(values) < 2 or spelled not in source, f"config_schema.py spells out {key}'s values"
+
+
+def test_train_help_lists_every_schema_section():
+    from neuroada_cli.commands import config_keys_text
+    from neuroada_cli.config_schema import RunConfig, section_names
+    from dataclasses import fields
+
+    text = config_keys_text()
+    sections = section_names()
+    assert {"head", "preference", "neuroada", "trainer"} <= set(sections)
+    assert len(sections) == len(fields(RunConfig)) - 2  # all but recipe and method
+    for section in sections:
+        assert f"\n  {section}: " in text and ", ".join(config.section_keys(section)) in text
+
+
+def test_neuroada_section_follows_the_method_config():
+    """NeuroAdaConfig (the method library's dataclass) is the source: the schema section has its fields with its
+    defaults (plus the training-side gradient_batches), and configs/neuroada/default.yaml gives those values."""
+    from dataclasses import MISSING, fields
+
+    from neuroada_cli.config_schema import NeuroAdaSection
+    from neuroada_cli.core.config import NeuroAdaConfig
+
+    def defaults(cls):
+        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
+
+    library, section = defaults(NeuroAdaConfig), defaults(NeuroAdaSection)
+    assert section.pop("gradient_batches") >= 1
+    assert section == library
+    shipped = yaml.safe_load((REPO / "configs" / "neuroada" / "default.yaml").read_text())
+    assert shipped == {**section, "gradient_batches": shipped["gradient_batches"]}
+
+
+@pytest.mark.parametrize("group", ["model", "neuroada", "lora", "head", "preference", "data", "trainer", "eval"])
+def test_shipped_group_defaults_set_every_schema_key(group):
+    from neuroada_cli.config_schema import section_keys
+
+    folder = REPO / "configs" / group
+    path = folder / "default.yaml" if (folder / "default.yaml").is_file() else sorted(folder.glob("*.yaml"))[0]
+    set_by_the_cli = {"eval": ("adapter", "run_dir")}.get(group, ())  # eval run=DIR fills them, never a YAML
+    assert list(yaml.safe_load(path.read_text())) == [k for k in section_keys(group) if k not in set_by_the_cli]
 
 
 def test_max_length_bound_is_the_tokenizers():
@@ -125,3 +177,10 @@ def test_recipe_file_elsewhere_resolves_defaults_against_the_packaged_configs(tm
     (tmp_path / "typo.yaml").write_text("defaults:\n  - train\n  - override /model: nope\n")
     with pytest.raises(UserError, match=r"unknown model option 'nope'; available: llama2_7b, "):
         config.compose(str(tmp_path / "typo.yaml"), [])
+
+
+@pytest.mark.parametrize("overrides, merged", [([], True), (["model.quantization=nf4"], False),
+                                               (["model.quantization=nf4", "eval.merge=true"], True),
+                                               (["eval.merge=false"], False)])
+def test_eval_merge_auto_keeps_a_quantized_base_unmerged(overrides, merged):
+    assert config.validate(config.compose(None, overrides), world_size=1).eval.merge is merged

@@ -78,7 +78,7 @@ def worker(out: Path) -> None:
     import torch.distributed as dist
 
     from neuroada_cli import load_adapter, save_adapter
-    from neuroada_cli import strategy
+    from neuroada_cli.strategies import fsdp as strategy
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -196,7 +196,7 @@ def test_fsdp_bf16_base_keeps_fp32_deltas(two_ranks):
 
 
 def test_fsdp_halves_parameter_bytes(two_ranks):
-    from neuroada_cli.strategies import local_parameter_bytes, prepare_for_sharding
+    from neuroada_cli.strategies.fsdp import local_parameter_bytes, prepare_for_sharding
 
     full = local_parameter_bytes(prepare_for_sharding(attached("neuroada", meta=False)))
     per_rank = [json.loads((two_ranks / f"rank{r}.json").read_text())["local_bytes"] for r in range(2)]
@@ -205,21 +205,49 @@ def test_fsdp_halves_parameter_bytes(two_ranks):
 
 
 def test_decoder_blocks_are_the_layers():
-    from neuroada_cli.strategies import decoder_blocks
+    from neuroada_cli.strategies.fsdp import decoder_blocks
 
     model = tiny_llama()
     assert decoder_blocks(model) == list(model.model.layers)
 
 
-@pytest.mark.parametrize("strategy, world, fragment", [
-    ("fsdp", 1, "needs at least 2 processes"), ("zero3", 2, "trainer.strategy='zero3' is unknown")])
-def test_bad_strategy_is_one_line_error(strategy, world, fragment):
+def run_config(*overrides: str):
+    from neuroada_cli import config
+
+    return config.validate(config.compose("smollm2_commonsense", list(overrides)), world_size=2)
+
+
+@pytest.mark.parametrize("strategy, world, overrides, fragment", [
+    ("fsdp", 1, [], "needs at least 2 processes"),
+    ("fsdp", 2, ["method=full"], "does not support method=full"),
+    ("fsdp", 2, ["method=head"], "does not support method=head"),
+    ("fsdp", 2, ["neuroada.neuron_fraction=0.5"], "not the uneven cells of neuroada.neuron_fraction=0.5"),
+    ("fsdp", 2, ["neuroada.scope=layer"], "not the uneven cells of neuroada.scope=layer"),
+    ("fsdp", 2, ["model.quantization=nf4", "neuroada.mode=auto"], "model.quantization=nf4 is not supported with trainer.strategy=fsdp yet"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(strategy, world, overrides, fragment):
     from neuroada_cli.errors import UserError
-    from neuroada_cli.strategies import check_strategy
+    from neuroada_cli.strategies import get_strategy
 
     with pytest.raises(UserError) as caught:
-        check_strategy(strategy, world)
+        get_strategy(strategy).check(run_config(*overrides), world)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("method", ["neuroada", "lora"])
+def test_fsdp_accepts_what_it_shards(method):
+    from neuroada_cli.strategies import get_strategy
+
+    get_strategy("fsdp").check(run_config(f"method={method}"), 2)
+    get_strategy("ddp").check(run_config("method=full", "neuroada.neuron_fraction=0.5"), 2)  # ddp refuses nothing
+
+
+def test_unknown_strategy_is_one_line_error():
+    from neuroada_cli.errors import UserError
+    from neuroada_cli.strategies import get_strategy
+
+    with pytest.raises(UserError, match="trainer.strategy='zero3' is unknown; use one of: ddp, fsdp"):
+        get_strategy("zero3")
 
 
 def test_unknown_strategy_rejected_by_config():
@@ -247,16 +275,33 @@ def test_cli_fsdp_equals_one_process(tiny_llama_dir, tmp_path):
 
 
 
-def test_fsdp_refuses_a_method_it_cannot_shard():
-    from neuroada_cli.errors import UserError
-    from neuroada_cli.methods import get_method
-    from neuroada_cli.strategies import check_strategy
+def test_cli_fsdp_ablation_refused_before_model_work_on_every_process(tmp_path):
+    """Two processes, fsdp, neuron_fraction=0.5: one line per process, exit 2, before the model is read (the
+    model folder is empty: loading it would fail with another message) and before the run directory exists."""
+    import shutil
 
-    check_strategy("fsdp", 2, get_method("neuroada"))
-    check_strategy("fsdp", 2, get_method("lora"))
-    with pytest.raises(UserError, match="does not support method=full"):
-        check_strategy("fsdp", 2, get_method("full"))
-    check_strategy("ddp", 2, get_method("full"))
+    from helpers import free_port
+
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not installed")
+    (tmp_path / "no_model").mkdir()
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "neuroada_cli", "train",
+               "recipe=smollm2_commonsense", f"model.name_or_path={tmp_path / 'no_model'}", "trainer.strategy=fsdp",
+               "neuroada.neuron_fraction=0.5", f"trainer.output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    refusal = ("error: trainer.strategy=fsdp shards NeuroAda's k cells per row only, not the uneven cells of "
+               "neuroada.neuron_fraction=0.5 (an ablation); use trainer.strategy=ddp")
+    # (the launcher itself reports a failed child with its own traceback; none may come from our processes)
+    ours = [line for line in result.stderr.splitlines() if line.strip().startswith('File "') and "neuroada_cli" in line]
+    assert result.returncode != 0 and not ours, result.stderr[-3000:]
+    # Each process refuses by itself (no collective call before the check); the launcher may stop the second
+    # one as soon as the first exits, so one or two copies of the line (two writes may share a line).
+    assert 1 <= result.stderr.count(refusal) <= 2, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))

@@ -168,10 +168,10 @@ def test_unknown_method_or_kind_names_the_valid_ones():
     from neuroada_cli.methods import METHOD_NAMES, get_method
 
     assert METHOD_NAMES == ("neuroada", "lora", "full", "head")
-    assert KIND_NAMES == ("causal_lm", "sequence_classification")
+    assert KIND_NAMES == ("causal_lm", "sequence_classification", "preference")
     with pytest.raises(UserError, match="method='nope'.*neuroada, lora, full, head"):
         get_method("nope")
-    with pytest.raises(UserError, match="task.kind='nope'.*causal_lm, sequence_classification"):
+    with pytest.raises(UserError, match="task.kind='nope'.*causal_lm, sequence_classification, preference"):
         get_kind("nope")
     assert [get_method(name).name for name in METHOD_NAMES] == list(METHOD_NAMES)
     assert [get_kind(name).name for name in KIND_NAMES] == list(KIND_NAMES)
@@ -279,6 +279,16 @@ def test_eval_after_train_checks_its_inputs_before_training(tiny_llama_dir, data
     with pytest.raises(UserError, match="boolq"):
         train_in_process(overrides + ["eval.after_train=true", "eval.tasks=[boolq]"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_configuration_that_trains_nothing_is_refused_before_training(tiny_llama_dir, data_dir, tmp_path):
+    """neuron_fraction so small that round(f x d_out) is 0 rows in every layer: one line, nothing written."""
+    overrides = tiny_overrides(tiny_llama_dir, data_dir, tmp_path / "run", steps=1) + ["neuroada.neuron_fraction=0.001"]
+    with pytest.raises(UserError) as caught:
+        train_in_process(overrides)
+    message = str(caught.value)
+    assert "trains nothing" in message and "0.001 of neurons" in message and "neuroada.neuron_fraction" in message
+    assert "\n" not in message and not (tmp_path / "run").exists()
 
 
 def test_fp16_on_cpu_is_refused(tiny_llama_dir, data_dir, tmp_path):

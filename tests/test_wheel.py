@@ -27,6 +27,19 @@ def test_pyproject_lists_every_package():
     assert found | {"neuroada_cli.configs", "neuroada_cli.recipes"} == listed
 
 
+def test_ci_runs_exactly_the_readme_test_command_with_the_dev_extra():
+    """.ci/run's last command is the README's test command, and CI installs what the tests import."""
+    readme = (REPO / "README.md").read_text()
+    command = readme.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0].strip()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert command.startswith("python -m pytest") and ci[-1] == command
+    assert any(line.startswith('pip install -q -e ".[dev]"') for line in ci)
+    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    for package in ("pytest", "bitsandbytes", "trl", "lm-eval", "matplotlib", "tensorboard"):
+        assert any(entry.startswith(package) for entry in dev), package
+
+
 def _run(args: list, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}"

@@ -1,5 +1,8 @@
-"""The recipe's plumbing (train.py): accelerator and trackers, optimizer and schedule, resume point, logs,
-progress (a rich bar on a terminal, plain lines in a log file)."""
+"""The recipe's plumbing (recipe.py): accelerator and trackers, optimizer and schedule, logs, progress (a rich
+bar on a terminal, plain lines in a log file), the one config flattener (``flat_config``).
+
+Config validation imports this module for its allowed values (PRECISIONS, SCHEDULERS, TRACKERS): torch,
+transformers and accelerate are imported inside the functions that need them."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,8 +12,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from . import run_dir
 from ..atomic import finite_or_none, write_failure
@@ -32,6 +33,7 @@ def make_accelerator(precision: str, report_to=(), output_dir: Path | None = Non
     ``report_to`` trackers log under ``<output_dir>/trackers``; a missing tracker package fails here, before
     the model loads.
     """
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -99,12 +101,42 @@ def release_accelerator_state() -> None:
     GradientState._reset_state()
 
 
+def check_shared_directory(checkpoint: str | None, world: int) -> None:
+    """Every process passes the checkpoint it would resume from (None: a fresh run); all raise the same one line
+    when one process sees another than process 0 (several machines without a shared run directory). Collective."""
+    import torch.distributed as dist
+
+    seen: list = [None] * world
+    dist.all_gather_object(seen, checkpoint)
+    other = next((rank for rank, value in enumerate(seen) if value != seen[0]), None)
+    if other is not None:
+        raise UserError(f"process {other} does not see the checkpoint of process 0 ({seen[0] or 'none'}; it sees "
+                        f"{seen[other] or 'none'}); trainer.output_dir must be on a filesystem every machine shares")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at optimizer step ``step``: a linear warm-up over ``warmup`` steps, then
+    ``linear`` decay to 0 at ``total``, ``cosine`` half-wave to 0, or ``constant`` (HF Trainer's schedules)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def make_optimizer(model, options, total_steps: int):
     """AdamW over the trainable parameters (weight decay on matrices only, as HF Trainer) and its schedule.
 
     ``options`` is the ``optimizer`` config group: lr, weight_decay, betas, eps, scheduler, warmup_ratio.
+    The schedule is a plain LambdaLR rather than transformers' get_scheduler: importing transformers'
+    optimization module pulls in peft and, through it, bitsandbytes on every run (see tests/test_schedule.py).
     """
-    from transformers import get_scheduler
+    import functools
+
+    import torch
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": options.weight_decay},
@@ -112,8 +144,8 @@ def make_optimizer(model, options, total_steps: int):
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=options.lr, betas=tuple(options.betas),
                                   eps=options.eps)
     warmup = math.ceil(total_steps * options.warmup_ratio)
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(options.scheduler, options.scheduler),
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    factor = functools.partial(lr_factor, schedule=options.scheduler, warmup=warmup, total=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
 
@@ -149,14 +181,19 @@ def log_stream(output_dir: Path, start_step: int, track=None) -> LogStream:
     return LogStream(path, track)
 
 
+ESTIMATE_AFTER_STEPS = 3  # steps measured before the one-line estimate of the whole run
+
+
 class ProgressBar:
     """Progress on process 0 only: a rich bar (steps, loss, lr, tokens/s, ETA) on a terminal; when stdout is
-    not a terminal (a log file, a batch job), one plain line per logging interval instead."""
+    not a terminal (a log file, a batch job), one plain line per logging interval instead. After the first
+    ``ESTIMATE_AFTER_STEPS`` steps one line says what the whole run costs: steps x measured s/step."""
 
     def __init__(self, enabled: bool, total: int, start: int, name: str, plain: bool | None = None):
         self.enabled, self.total, self.start, self.name = enabled, total, start, name
         self.plain = (not sys.stdout.isatty()) if plain is None else plain
         self.started = time.perf_counter()
+        self.estimated = False
         self.bar = None
         if enabled and not self.plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -170,6 +207,9 @@ class ProgressBar:
         if not self.enabled:
             return
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:.0f} tok/s"
+        if not self.estimated and done - self.start >= ESTIMATE_AFTER_STEPS and done < self.total:
+            self.estimated = True
+            self._say(self.estimate(done, time.perf_counter() - self.started))
         if self.bar is not None:
             self.bar.update(self.task_id, completed=done, stats=stats)
             return
@@ -177,6 +217,19 @@ class ProgressBar:
         eta = elapsed / max(done - self.start, 1) * (self.total - done)
         print(f"{self.name} step {done}/{self.total}  {stats}  elapsed {_clock(elapsed)}  eta {_clock(eta)}",
               flush=True)
+
+    def estimate(self, done: int, elapsed: float) -> str:
+        measured = done - self.start
+        per_step = elapsed / measured
+        return (f"{self.name}: {self.total - self.start} steps x {per_step:.2f} s/step (measured over {measured}) = "
+                f"about {_clock(per_step * (self.total - self.start))} of training, {_clock(per_step * (self.total - done))} "
+                "left (validation, evaluation and saving not included)")
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line)
+        else:
+            print(line, flush=True)
 
     def stop(self) -> None:
         if self.bar is not None:

@@ -17,7 +17,7 @@ Features and the config keys that drive them:
   ``data.train_limit`` rows, ``task.template`` prompts, ``data.max_length`` tokens, loss on target tokens
   (``data.train_on_prompt``); sequence_classification (GLUE) = one loss term per example, ``task.head_dropout``.
   Length-bucketed global batches (``data.bucket_batches``, shuffled with ``trainer.seed`` every epoch;
-  data/batching.py).
+  data/batching.py); ``data.packing`` packs each process's share into rows of ``data.max_length`` tokens.
 * validation (``trainer.validate``, on by default) whenever the kind has validation examples (causal LM:
   ``data.val_file`` / ``data.val_fraction``; GLUE: the LoReFT selection part of the validation split): evaluated
   every ``trainer.eval_every`` optimizer steps (null/0 = epoch ends only) and at each epoch end, on process 0;
@@ -33,7 +33,10 @@ Features and the config keys that drive them:
   ``trainer.gradient_checkpointing`` (non-reentrant); seeded by ``trainer.seed``.
 * processes: ``accelerate launch --multi_gpu --num_processes N -m neuroada_cli train ...`` (gloo on CPU);
   ``trainer.strategy`` = ddp (broadcast_buffers=False) | fsdp (FSDP2 shards by rows, lean loading, gathered
-  saves: strategy.py); every process derives its micro-batches from the same plan.
+  saves): an object from ``strategies/`` that loads, shards, wraps, synchronises and gathers; what it cannot
+  run is refused before any model work. Every process derives its micro-batches from the same plan.
+* refusals before training, on every process: a strategy that cannot run the config, a configuration that
+  trains nothing (0 trainable parameters).
 * run directory ``trainer.output_dir`` (agreed by all processes; only process 0 writes): config.yaml,
   train_log.jsonl every ``trainer.log_every`` steps, adapter/, run.json (counts, timing with the loop's
   overhead, memory, validation, code version), checkpoints/ every ``trainer.checkpoint_every`` steps (atomic,
@@ -57,19 +60,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import run_dir
-from .. import strategies
 from ..atomic import check_writable_dir, write_atomic, write_json
 from ..config import accumulation_steps, eval_config_for_run
 from ..data.batching import BatchPlan, split_global_batch
 from ..errors import UserError
 from ..kinds import get_kind
 from ..methods import counts_line, get_method, load_base
+from ..strategies import get_strategy
 from .guard import NonFiniteGuard, gradient_norm
 from .resume import resume_changes, resume_point
+from .run_lock import lock_run_directory
 from .stopwatch import Stopwatch
-from .parts import (ProgressBar, log_stream, make_accelerator, make_optimizer, release_accelerator_state,
-                          start_trackers)
-from .validation import ValidationState
+from .parts import (ProgressBar, check_shared_directory, log_stream, make_accelerator, make_optimizer,
+                    release_accelerator_state, start_trackers)
+from .validation import ValidationState, evaluate_validation
 
 # Loop time = these sections; "validation" (evaluating the validation examples) is timed apart.
 LOOP_SECTIONS = ("data", "compute", "log", "checkpoint")
@@ -78,9 +82,13 @@ LOOP_SECTIONS = ("data", "compute", "log", "checkpoint")
 def train(cfg: DictConfig) -> Path:
     """Train as ``cfg`` says; returns the run directory."""
     recipe = TrainingRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    return recipe.finish()
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.finish()
+    finally:  # also on errors and Ctrl-C; removes the output folder it created if nothing was written
+        if recipe.lock is not None:
+            recipe.lock.release()
 
 
 class TrainingRecipe:
@@ -92,18 +100,18 @@ class TrainingRecipe:
         self.wall_start = time.perf_counter()
         self.kind = get_kind(cfg.task.kind).from_config(cfg)
         self.method = get_method(cfg.method)
+        self.strategy = get_strategy(cfg.trainer.strategy)
+        self.lock = None  # the run directory's lock (process 0), taken in setup
 
     # ------------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         from accelerate.utils import broadcast_object_list, set_seed
 
         cfg, t = self.cfg, self.cfg.trainer
-        # Processes: one Accelerator; on CPU a --multi_gpu launch becomes gloo DDP.
-        # Trackers log under process 0's output dir (the only process that has them).
+        # One Accelerator (CPU: a --multi_gpu launch becomes gloo); trackers log under process 0's output dir.
         self.accelerator = make_accelerator(t.precision, list(t.report_to), Path(str(t.output_dir)).resolve())
         self.world, self.is_main = self.accelerator.num_processes, self.accelerator.is_main_process
-        strategies.check_strategy(t.strategy, self.world, self.method)
-        self.fsdp = t.strategy == "fsdp"  # FSDP2 shards (strategy.py); else accelerate's DDP
+        self.strategy.check(cfg, self.world)  # before any model work, on every process
         self.accumulation = accumulation_steps(t.batch_size, t.micro_batch_size, self.world)
         set_seed(t.seed)
         # Run directory: process 0's resolved path wins (timestamps may differ by a second across ranks).
@@ -112,7 +120,11 @@ class TrainingRecipe:
         cfg.trainer.output_dir = str(self.output_dir)
         # Resume: the checkpoint and the saved config are read and checked now, before anything is written.
         check_writable_dir(self.output_dir, "trainer.output_dir")
+        share = (lambda value: broadcast_object_list([value])[0]) if self.world > 1 else None
+        self.lock = lock_run_directory(self.output_dir, self.is_main, share)  # a second run here refuses
         self.resume_from = resume_point(self.output_dir, t.resume)
+        if self.world > 1:  # several machines: every process must see process 0's checkpoint
+            check_shared_directory(None if self.resume_from is None else str(self.resume_from[1]), self.world)
         self.resume_changes, self.resume_state = [], None
         if self.resume_from is not None:
             self.resume_changes = resume_changes(self.output_dir, cfg)
@@ -131,7 +143,7 @@ class TrainingRecipe:
         self.examples = self.kind.train_examples(self.tokenizer)
         self.weights = [self.kind.weight(example) for example in self.examples]
         self.plan = BatchPlan([len(e["input_ids"]) for e in self.examples], t.batch_size, t.seed,
-                              cfg.data.bucket_batches)
+                              cfg.data.bucket_batches, pack_length=cfg.data.max_length if cfg.data.packing else None)
         if self.plan.steps_per_epoch == 0:
             raise UserError(f"only {len(self.examples)} training examples, fewer than trainer.batch_size="
                             f"{t.batch_size}; lower the batch size or raise data.train_limit")
@@ -145,37 +157,24 @@ class TrainingRecipe:
             raise UserError("trainer.early_stopping_patience needs validation (trainer.validate=true and, for a "
                             "causal LM, data.val_file or data.val_fraction); or set trainer.early_stopping_patience=null")
 
-        model = self._attach(model)
-        if self.fsdp:
-            model = self._shard(model)
+        model = self.strategy.shard(self._attach(model), self._attached_structure, self.accelerator)
+        self._count(model)
         optimizer, self.scheduler = make_optimizer(model, cfg.optimizer, self.total_steps)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         # The scheduler stays unprepared: accelerate would step it once per process.
-        if self.fsdp:  # autocast only: accelerate must not wrap the shards in DDP
-            self.model = self.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
-            self.optimizer = self.accelerator.prepare_optimizer(optimizer)
-            self.optimizer_state = strategies.ShardedOptimizerState(self.model, self.optimizer)
-        else:
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-            self.optimizer_state = self.optimizer  # what checkpoints save and restore
+        self.model, self.optimizer, self.optimizer_state = self.strategy.prepare(self.accelerator, model, optimizer)
         self._open_run_directory()
 
-    def _load_model(self, empty: bool = False):
-        """fsdp: only process 0 reads the weights (first: it may convert a GGUF once); the others build on meta."""
+    def _load_model(self):
+        """The base (the strategy says which processes read weights; the others build it on the meta device)."""
         saved = self.resume_from[1] / "adapter" if self.resume_from is not None else None  # full: its saved model
-        empty = empty or (self.fsdp and not self.is_main)
-        if self.fsdp and not self.is_main:
-            self.accelerator.wait_for_everyone()  # process 0 loads (and caches) first
-        loaded = load_base(self.cfg, saved, kind=self.kind, empty=empty)
-        if self.fsdp and self.is_main and not empty:
-            self.accelerator.wait_for_everyone()
-        return loaded
+        return self.strategy.load(self.accelerator, functools.partial(load_base, self.cfg, saved, kind=self.kind))
 
     def _attach(self, model):
         """The method on the model, identical on every process (deterministic selection), ready to train.
 
-        fsdp: on processes other than 0 ``model`` is on the meta device; only the module tree matters there
-        (the values come from process 0 in _shard), so no selection scores and no resume are computed.
+        On the meta device (a sharding strategy's processes other than 0) only the module tree matters: the
+        values come from process 0 when the strategy shards, so no selection scores and no resume are computed.
         """
         cfg, t = self.cfg, self.cfg.trainer
         structure_only = next(model.parameters()).is_meta
@@ -194,26 +193,26 @@ class TrainingRecipe:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.train()
-        if structure_only:
-            return model
-        self.counts = self.method.count(model)
-        if self.is_main:  # the trainable split on screen as in run.json (NeuroAda: bypass / head / bias)
-            print(counts_line(self.counts), flush=True)
         return model
 
-    def _shard(self, model):
-        """fsdp: every process builds the attached model on meta and shards it; process 0's filled it (lean)."""
-        if self.is_main:
-            structure, _ = self._load_model(empty=True)
-            self.kind.prepare_model(structure)
-            structure = self._attach(structure)
-            full = model
-        else:
-            structure, full = model, None
-        model = strategies.lean_load(structure, full, self.accelerator.device)
-        del full  # process 0's whole copy goes now: each process keeps 1/N of the weights
-        self.counts = self.method.count(model)  # every process: counts of the whole (sharded) model
-        return model
+    def _attached_structure(self):
+        """The attached model on the meta device (no weights read): what a sharding strategy fills."""
+        structure, _ = load_base(self.cfg, None if self.resume_from is None else self.resume_from[1] / "adapter",
+                                 kind=self.kind, empty=True)
+        self.kind.prepare_model(structure)
+        return self._attach(structure)
+
+    def _count(self, model) -> None:
+        """run.json's counts (of the whole model, also when sharded), on every process; nothing to train stops."""
+        self.counts = self.method.count(model)
+        if self.counts["trainable_params"] == 0:
+            section = self.cfg.get(self.cfg.method) or {}  # the method's own keys that decide what trains
+            keys = [f"{self.cfg.method}.{key}" for key in ("neuron_fraction", "k", "target_modules", "modules_to_save")
+                    if key in section]
+            raise UserError(f"method {self.method.describe(self.cfg)} trains nothing on {self.cfg.model.name_or_path} "
+                            f"(0 trainable parameters); widen it: check {', '.join(keys) or 'the method keys'}")
+        if self.is_main:  # the trainable split on screen as in run.json (NeuroAda: bypass / head / bias)
+            print(counts_line(self.counts), flush=True)
 
     def _open_run_directory(self) -> None:
         """Written only now that data, model and method work; resume restores optimizer, schedule, RNG, step."""
@@ -258,14 +257,14 @@ class TrainingRecipe:
             global_batch = self.plan.global_batch(step)
             batch_weight = sum(self.weights[i] for i in global_batch)  # known to every process: no all-reduce
             batch_tokens = sum(self.plan.lengths[i] for i in global_batch)
-            chunks = split_global_batch(global_batch, accelerator.process_index, self.world,
-                                        self.cfg.trainer.micro_batch_size)
+            chunks = self.plan.micro_batches(step, accelerator.process_index, self.world,
+                                             self.cfg.trainer.micro_batch_size)  # packed: fewer, same on every process
             micro_batches = [self._collate(chunk) for chunk in chunks]
         with self.watch.section("compute"):
             loss_sum = torch.zeros((), device=accelerator.device)
             for number, batch in enumerate(micro_batches):
-                last = number == self.accumulation - 1
-                with strategies.accumulating(accelerator, model, self.fsdp, last):
+                last = number == len(micro_batches) - 1
+                with self.strategy.accumulating(accelerator, model, last):
                     loss = self.kind.loss_sum(model, batch)
                     # DDP averages gradients over processes, hence x world: the result is sum / batch weight.
                     accelerator.backward(loss * self.world / batch_weight)
@@ -298,7 +297,7 @@ class TrainingRecipe:
         stopping = self.validation is not None and self.validation.stopped_early
         with self.watch.section("checkpoint"):
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == self.total_steps or stopping):
-                if self.is_main or self.fsdp:  # fsdp: gathering the adapter and optimizer state is collective
+                if self.is_main or self.strategy.collective:  # sharded: gathering the state is collective
                     self._checkpoint(done)
                 self.accelerator.wait_for_everyone()
 
@@ -318,29 +317,30 @@ class TrainingRecipe:
         self.progress.show(done, self.last_loss, line["lr"], average)
 
     def _validate(self, done: int) -> None:
-        """Process 0 evaluates the validation examples; a better primary metric than so far saves adapter/.
-        Every process learns whether early stopping ended the run."""
+        """Every process evaluates its share of the validation examples (sharded models: all of them, as their
+        forwards are collective) and gets the same metrics; a better primary metric saves adapter/ (process 0)."""
         from accelerate.utils import broadcast_object_list
 
-        if self.is_main or self.fsdp:  # fsdp: every forward is collective, so every process evaluates
-            model = self.accelerator.unwrap_model(self.model)
-            metrics = self.kind.evaluate(model, self.val_examples, self.tokenizer.pad_token_id,
-                                         self.cfg.eval.batch_size)
-            if self.is_main:
-                self.log.write(done, {"step": done, "validation": metrics},
-                               {f"validation/{name}": value for name, value in metrics.items()})
-            improved = self.validation.record(done, metrics)
-            with strategies.full_trainable_view(model):  # fsdp: gathers (collective); ddp: nothing to do
-                if improved and self.is_main:
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = evaluate_validation(self.kind, model, self.val_examples, self.tokenizer.pad_token_id,
+                                      self.cfg.eval.batch_size, rank=self.accelerator.process_index,
+                                      world=1 if self.strategy.collective else self.world)
+        if self.is_main:
+            self.log.write(done, {"step": done, "validation": metrics},
+                           {f"validation/{name}": value for name, value in metrics.items()})
+        improved = self.validation.record(done, metrics)
+        if self.world > 1:  # process 0's decision everywhere: the same best / patience / stop, the same saves
+            improved, state = broadcast_object_list([improved, self.validation.state()])
+            self.validation.restore(state)
+        if improved and (self.is_main or self.strategy.collective):  # sharded: gathering is collective
+            with self.strategy.gathered(model):
+                if self.is_main:
                     self.method.save(model, self.tokenizer, self.output_dir / "adapter")
-        if self.world > 1:
-            state = broadcast_object_list([self.validation.state()])[0]
-            self.validation.restore(state)  # the same best / patience / stop on every process
 
     def _checkpoint(self, done: int) -> None:
         extra = {"validation": self.validation.state()} if self.validation is not None else {}
         state = run_dir.trainer_state(done, self.plan.position(done), self.optimizer_state, self.scheduler, extra)
-        with strategies.full_trainable_view(self.model):  # fsdp: the adapter gathered on every process
+        with self.strategy.gathered(self.model):
             if self.is_main:
                 run_dir.write_checkpoint(self.output_dir, done, functools.partial(self._write_checkpoint, state))
 
@@ -352,7 +352,7 @@ class TrainingRecipe:
     def finish(self) -> Path:
         """Adapter and run.json (process 0), then optionally evaluate; returns the run directory."""
         self.accelerator.wait_for_everyone()
-        with strategies.full_trainable_view(self.model):  # fsdp: gathers the adapter (collective)
+        with self.strategy.gathered(self.model):
             if self.is_main:
                 self.log.close()
                 # With validation, adapter/ already holds the best evaluation; the final weights go to adapter_last/.
@@ -360,7 +360,7 @@ class TrainingRecipe:
                 self.method.save(self.accelerator.unwrap_model(self.model), self.tokenizer, self.output_dir / final)
                 write_json(self.output_dir / "run.json", self._run_record())
         self.accelerator.wait_for_everyone()
-        if self.is_main and self.cfg.eval.after_train:
+        if self.cfg.eval.after_train:  # every process: eval shares the examples out, process 0 writes
             self._evaluate()
         self.accelerator.end_training()
         release_accelerator_state()
@@ -389,11 +389,11 @@ class TrainingRecipe:
         }
 
     def _evaluate(self) -> None:
-        """eval.after_train: the in-memory model, no reload (other processes are done)."""
+        """eval.after_train: the in-memory model (each process holds its own copy), or a reload."""
         from ..eval.runner import run_eval_from_config
 
         eval_cfg = eval_config_for_run(self.output_dir, [])
-        if self.validation is not None or self.fsdp:  # best adapter on disk / a sharded model: reload
+        if self.validation is not None or self.strategy.collective:  # best adapter on disk / sharded: reload
             run_eval_from_config(eval_cfg)
             return
         trained = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False).eval()
