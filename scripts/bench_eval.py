@@ -55,7 +55,9 @@ def main(argv=None) -> int:
         from neuroada_cli import load_adapter, unload
 
         model = unload(load_adapter(model, args.adapter))
-    model.eval()
+    from neuroada_cli.eval.processes import current_processes, place
+
+    model = place(model, current_processes().device).eval()  # the GPU when there is one, as `neuroada eval` does
     modes = {
         "generate_b1": EvalOptions(batch_size=1, scoring="generate", max_new_tokens=args.max_new_tokens),
         f"generate_b{args.batch_size}": EvalOptions(batch_size=args.batch_size, scoring="generate",

@@ -17,9 +17,10 @@ single token compared with batch size 1, so:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported inside the functions: `neuroada ls` lists these tasks without it
+    import torch
 
 from ..data.batching import length_sorted_batches
 from ..data.tokenize import special_prefix_ids
@@ -52,6 +53,8 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), padded on the left to the longest sequence."""
+    import torch
+
     width = max(len(seq) for seq in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -65,6 +68,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
 def _greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   eos_id: int) -> list[list[int]]:
     """Greedy continuations of one left-padded batch (eos excluded); finished rows leave the batch."""
+    import torch
+
     from transformers import DynamicCache
 
     outputs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -108,6 +113,8 @@ def generate_ids(
     advance: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (token ids, eos and everything after it removed), in input order."""
+    import torch
+
     if not prompt_ids:
         return []
     if any(len(ids) == 0 for ids in prompt_ids):

@@ -24,11 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
-
 from ..errors import UserError
 from ..data.batching import length_sorted_batches
-from ..models import forward_accepts
+from ..models import forward_accepts  # torch is imported inside the functions: `neuroada ls` needs none
 from .generation import encode, left_pad, pad_token_id
 
 
@@ -81,6 +79,8 @@ def plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], shar
 
 def _run_rows(model, rows: list[_Row], pad_id: int, batch_size: int, totals: list[list[float]],
               advance_rows: Callable[[list[_Row]], None] | None) -> None:
+    import torch
+
     device = next(model.parameters()).device
     use_keep = forward_accepts(model, "logits_to_keep")
     for batch in length_sorted_batches([len(row.ids) for row in rows], batch_size):
@@ -117,6 +117,8 @@ def score_continuations(
     ``share_prefix=False`` forces one row per (prompt, candidate) (used by tests to compare paths).
     ``advance(n)`` is called with the number of examples whose rows are all done.
     """
+    import torch
+
     if len(prompts) != len(continuations):
         raise ValueError("prompts and continuations must have the same length")
     if not prompts:

@@ -3,7 +3,10 @@
 ``evaluate(model, tokenizer, tasks, ...)`` runs already-loaded models (the train loop can call it);
 ``run_eval_from_config(cfg, ...)`` is what ``neuroada eval`` calls: it loads the base model, applies an
 adapter and merges it (fp32) when ``eval.merge`` is true (``methods.load_trained``), and evaluates
-``eval.tasks`` or the suite of ``task.eval_suite``.
+``eval.tasks`` or the suite of ``task.eval_suite``, on the accelerator's device (eval/processes.py: the model
+is moved there after loading, a quantized one is loaded there). Under ``accelerate launch --num_processes N``
+every process predicts a share of each task's examples; process 0 gathers them in input order, scores them and
+is the only one that writes (``write_results`` is the one writer of results.json).
 
 Resumability: each task's predictions file and its entry in results.json are written atomically
 (temp file + rename) as soon as the task finishes. On a re-run, a task is skipped when its entry
@@ -23,6 +26,7 @@ from ..atomic import check_writable_dir, finite_or_none, write_atomic, write_jso
 from ..errors import UserError
 from ..methods import config_value, load_trained
 from .base import EvalOptions, EvalTask, TaskData
+from .processes import Processes, current_processes, place
 from .registry import get_task, resolve_tasks
 
 RESULTS_FORMAT = 1
@@ -112,10 +116,18 @@ def evaluate(
     progress: bool = True,
     run_info: dict | None = None,
     console=None,
+    processes: Processes | None = None,
 ) -> dict:
-    """Evaluate ``tasks`` (names or task objects), write the outputs and return the results dict."""
+    """Evaluate ``tasks`` (names or task objects), write the outputs and return the results dict.
+
+    ``processes`` (default: this process alone): each process predicts its share of every task's examples
+    (eval/processes.py), process 0 gathers them in input order, scores and writes; every process returns the
+    same results dict.
+    """
     from rich.console import Console
 
+    processes = processes or Processes()
+    main = processes.is_main
     console = console or Console()
     options = EvalOptions(batch_size=batch_size, scoring=scoring, max_new_tokens=max_new_tokens,
                           commonsense_rule=commonsense_rule, aqua_rule=aqua_rule).validate()
@@ -128,26 +140,37 @@ def evaluate(
 
     output_dir = Path(output_dir)
     predictions_dir = output_dir / "predictions"
-    predictions_dir.mkdir(parents=True, exist_ok=True)
-    results = read_results(output_dir)
-    results.update({
-        "format": RESULTS_FORMAT,
-        "model": dict(run_info or {}),
-        "data_dir": str(data_dir),
-        "options": {"limit": limit, "batch_size": batch_size, "scoring": scoring, "max_new_tokens": max_new_tokens,
-                    "commonsense_rule": commonsense_rule, "aqua_rule": aqua_rule},
-    })
-    ran: list[str] = []
-    with _progress(progress, console) as bar:
+    results, todo = {}, []
+    if main:  # process 0 alone reads and writes the output folder; the others learn what to run
+        predictions_dir.mkdir(parents=True, exist_ok=True)
+        results = read_results(output_dir)
+        results.update({
+            "format": RESULTS_FORMAT,
+            "model": dict(run_info or {}),
+            "data_dir": str(data_dir),
+            "options": {"limit": limit, "batch_size": batch_size, "scoring": scoring,
+                        "max_new_tokens": max_new_tokens, "commonsense_rule": commonsense_rule,
+                        "aqua_rule": aqua_rule},
+            "processes": processes.world,
+            "device": str(processes.device),
+        })
         for task in chosen:
-            data = loaded[task.name]
-            settings = _task_settings(task, options, data, limit, results["model"])
-            predictions_path = predictions_dir / f"{task.name}.jsonl"
-            if _resumable(results["tasks"].get(task.name), settings, predictions_path):
+            settings = _task_settings(task, options, loaded[task.name], limit, results["model"])
+            if _resumable(results["tasks"].get(task.name), settings, predictions_dir / f"{task.name}.jsonl"):
                 results["tasks"][task.name]["resumed"] = True
-                ran.append(task.name)
+            else:
+                todo.append(task.name)
+    todo = processes.broadcast(todo)
+    ran: list[str] = []
+    with _progress(progress and main, console) as bar:
+        for task in chosen:
+            ran.append(task.name)
+            if task.name not in todo:
                 continue
-            bar_id = bar.add_task(task.name, total=len(data.examples), rate="")
+            data = loaded[task.name]
+            share = [data.examples[i] for i in processes.share(len(data.examples))]
+            label = task.name if processes.world == 1 else f"{task.name} (1/{processes.world} of the examples)"
+            bar_id = bar.add_task(label, total=len(share), rate="")
             started = time.perf_counter()
 
             def advance(n: int, bar_id=bar_id, started=started) -> None:
@@ -155,39 +178,54 @@ def evaluate(
                 done = bar.tasks[bar.task_ids.index(bar_id)].completed
                 bar.update(bar_id, rate=f"{done / max(time.perf_counter() - started, 1e-9):.2f} ex/s")
 
-            records = task.predict(model, tokenizer, data.examples, options, advance)
+            records = task.predict(model, tokenizer, share, options, advance) if share else []
+            shares = processes.gather(records)
             seconds = time.perf_counter() - started
-            metrics = task.score(records)
-            write_atomic(predictions_path, "".join(json.dumps(finite_or_none(r), ensure_ascii=False, allow_nan=False)
-                                                   + "\n" for r in records))
-            results["tasks"][task.name] = {
-                "suite": task.suite,
-                "n": len(records),
-                "metric": task.metric,
-                "value": metrics[task.metric],
-                "metrics": metrics,
-                "rule": settings.get("rule"),
-                "scoring": settings.get("scoring", options.scoring),  # a task may score its own way (GLUE: head)
-                "max_new_tokens": settings.get("max_new_tokens"),
-                "limit": limit,
-                "data_file": str(data.path),
-                "approx": data.approx,
-                "settings": settings,
-                "done": True,
-                "seconds": round(seconds, 3),
-                "examples_per_second": round(len(records) / seconds, 3) if seconds > 0 else None,
-                "finished_at": _now(),
-            }
-            results["suites"] = suite_averages(results["tasks"])
-            results["timestamp"] = _now()
-            write_json(output_dir / "results.json", results)
-            ran.append(task.name)
+            if main:
+                records = processes.merge(len(data.examples), shares)
+                _finish_task(task, records, options, data, limit, seconds, processes.world, results, output_dir)
+    if main:
+        write_results(output_dir, results)  # also when every task was resumed: the header and "resumed" marks
+        console.print(results_table(results, ran))
+        console.print(f"results: {output_dir / 'results.json'}")
+    return processes.broadcast(results)
+
+
+def _finish_task(task: EvalTask, records: list[dict], options: EvalOptions, data: TaskData, limit: int | None,
+                 seconds: float, world: int, results: dict, output_dir: Path) -> None:
+    """Score one task, write its predictions file and its entry in results.json (process 0)."""
+    settings = _task_settings(task, options, data, limit, results["model"])
+    metrics = task.score(records)
+    write_atomic(output_dir / "predictions" / f"{task.name}.jsonl",
+                 "".join(json.dumps(finite_or_none(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records))
+    results["tasks"][task.name] = {
+        "suite": task.suite,
+        "n": len(records),
+        "metric": task.metric,
+        "value": metrics[task.metric],
+        "metrics": metrics,
+        "rule": settings.get("rule"),
+        "scoring": settings.get("scoring", options.scoring),  # a task may score its own way (GLUE: head)
+        "max_new_tokens": settings.get("max_new_tokens"),
+        "limit": limit,
+        "data_file": str(data.path),
+        "approx": data.approx,
+        "settings": settings,
+        "done": True,
+        "processes": world,  # not a setting: a re-run with another process count predicts the same
+        "seconds": round(seconds, 3),
+        "examples_per_second": round(len(records) / seconds, 3) if seconds > 0 else None,
+        "finished_at": _now(),
+    }
+    write_results(output_dir, results)
+
+
+def write_results(output_dir: Path, results: dict) -> None:
+    """The one writer of results.json: suite averages and the time stamp brought up to date, then written
+    atomically (a task's entry lands as soon as it finishes, so an interrupted run resumes)."""
     results["suites"] = suite_averages(results["tasks"])
     results["timestamp"] = _now()
-    write_json(output_dir / "results.json", results)
-    console.print(results_table(results, ran))
-    console.print(f"results: {output_dir / 'results.json'}")
-    return results
+    write_json(Path(output_dir) / "results.json", results)
 
 
 def _now() -> str:
@@ -267,23 +305,33 @@ def run_eval_from_config(
     adapter = adapter if adapter is not None else config_value(cfg, "eval.adapter")
     run_dir = run_dir if run_dir is not None else config_value(cfg, "eval.run_dir")
     lm_eval = config_value(cfg, "eval.backend", "native") == "lm_eval"
+    processes = current_processes()
+    if lm_eval and processes.world > 1:
+        raise UserError(f"eval.backend=lm_eval runs in one process (this launch has {processes.world}); start it "
+                        "without accelerate launch, or use eval.backend=native to share the examples")
     if not lm_eval:
         tasks, data_dir = check_eval_inputs(cfg)
     merge = bool(config_value(cfg, "eval.merge", True))
-    output_key = "eval.output_dir" if e["output_dir"] else "the eval output folder"
-    check_writable_dir(default_output_dir(e["output_dir"], run_dir), output_key)  # before the model loads
+    output_dir = default_output_dir(e["output_dir"], run_dir)
+    if processes.is_main:  # before the model loads; only process 0 writes there
+        check_writable_dir(output_dir, "eval.output_dir" if e["output_dir"] else "the eval output folder")
+    output_dir = Path(processes.broadcast(str(output_dir)))  # a timestamped default: process 0's name
+    if model is None:  # a new head (GLUE on a base model) is initialised alike on every process and every run
+        import torch
+
+        torch.manual_seed(int(config_value(cfg, "trainer.seed", 0) or 0))
     model, tokenizer, info = load_trained(cfg, adapter, merge=merge, model=model, tokenizer=tokenizer)
+    model = place(model, processes.device)  # the accelerator's device, in the dtype it was loaded in
     if run_dir is not None:
         info["run_dir"] = str(run_dir)
     if lm_eval:
-        return _run_lm_eval(cfg, model, tokenizer, info, default_output_dir(e["output_dir"], run_dir), console)
+        return _run_lm_eval(cfg, model, tokenizer, info, output_dir, console)
     return evaluate(
-        model, tokenizer, tasks, data_dir=data_dir, output_dir=default_output_dir(e["output_dir"], run_dir),
+        model, tokenizer, tasks, data_dir=data_dir, output_dir=output_dir,
         limit=e["limit"], batch_size=e["batch_size"], scoring=e["scoring"], max_new_tokens=e["max_new_tokens"],
         commonsense_rule=e["commonsense_rule"], aqua_rule=e["aqua_rule"], progress=progress,
-        run_info=info, console=console,
+        run_info=info, console=console, processes=processes,
     )
-
 
 
 def _run_lm_eval(cfg, model, tokenizer, info: dict, output_dir: Path, console=None) -> dict:
@@ -299,7 +347,8 @@ def _run_lm_eval(cfg, model, tokenizer, info: dict, output_dir: Path, console=No
         num_fewshot=e["num_fewshot"], batch_size=e["batch_size"], seed=config_value(cfg, "trainer.seed", 0),
         include_defaults=not e["lm_eval_only_included"])
     results = read_results(output_dir)
-    results.update({"format": RESULTS_FORMAT, "model": info, "backend": "lm_eval"})
+    results.update({"format": RESULTS_FORMAT, "model": info, "backend": "lm_eval", "processes": 1,
+                    "device": str(next(model.parameters()).device)})
     for task, metrics in scores.items():
         metric = next((m for m in ("acc_norm", "acc", "exact_match") if m in metrics),
                       next(m for m in metrics if m != "n"))
@@ -309,9 +358,7 @@ def _run_lm_eval(cfg, model, tokenizer, info: dict, output_dir: Path, console=No
             "settings": {"backend": "lm_eval", "num_fewshot": e["num_fewshot"], "limit": e["limit"]},
             "done": True, "finished_at": _now(),
         }
-    results["suites"] = suite_averages(results["tasks"])
-    results["timestamp"] = _now()
-    write_json(output_dir / "results.json", results)
+    write_results(output_dir, results)
     console = console or Console()
     console.print(results_table(results, list(scores)))
     console.print(f"results: {output_dir / 'results.json'}")

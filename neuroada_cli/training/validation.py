@@ -1,10 +1,35 @@
-"""The loop's validation state: when to evaluate, the best score so far, early stopping (plain values only).
+"""The loop's validation: evaluating the held-out examples over the processes, when to do it, the best score so
+far, early stopping (plain values only).
 
-The recipe (train.py) evaluates the kind's validation examples when ``due`` says so and hands the metrics
+The recipe (recipe.py) calls ``evaluate_validation`` on every process when ``due`` says so and hands the metrics
 to ``record``; a better primary metric than so far means "save adapter/ now". ``state``/``restore`` go into
 checkpoints, so a resumed run continues with the same best score and patience counter.
+
+Sharding: with N processes each evaluates a strided share of the examples (positions r, r + N, ...) through the
+kind's ``evaluation_part`` and every process combines all the parts with ``evaluation_metrics`` (the causal-LM
+loss: summed token losses over summed target tokens; GLUE: the logits of all examples scored together), so
+every process holds the same metrics. A kind without those two methods is evaluated whole on every process.
 """
 from __future__ import annotations
+
+
+def evaluate_validation(kind, model, examples: list[dict], pad_id: int, batch_size: int, *, rank: int = 0,
+                        world: int = 1) -> dict:
+    """The validation metrics of ``examples``, with the work shared by ``world`` processes (call on each of them).
+
+    ``world=1``: this process evaluates every example (trainer.strategy=fsdp passes 1: its forwards are
+    collective, so every process must run the same batches).
+    """
+    sharded = world > 1 and hasattr(kind, "evaluation_part") and hasattr(kind, "evaluation_metrics")
+    if not sharded:
+        return kind.evaluate(model, examples, pad_id, batch_size)
+    import torch.distributed as dist
+
+    share = examples[rank::world]
+    part = kind.evaluation_part(model, share, pad_id, batch_size) if share else None
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    return kind.evaluation_metrics([p for p in parts if p is not None])
 
 
 class ValidationState:
