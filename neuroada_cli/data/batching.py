@@ -11,6 +11,12 @@ Length bucketing (cuts padding): each epoch the examples are shuffled with the s
 of ``bucket_batches`` global batches, sorted by length inside a bucket and cut into global batches;
 the order of all global batches is then shuffled again, so consecutive steps do not go from short to
 long. The last incomplete global batch of an epoch is dropped (its examples differ every epoch).
+
+Packing (``pack_length`` = data.max_length when data.packing): the global batches are the same examples as
+without packing (same steps, same loss normaliser, so toggling packing does not change which examples a step
+sees); only a process's micro-batches differ: ``micro_batches`` packs the global batch into rows of
+``pack_length`` tokens and gives each process micro-batches of up to ``micro_batch_size`` ROWS, as many as
+the step needs (the same number on every process; data/packing.py).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ class BatchPlan:
     batch_size: int             # examples per optimizer step, all processes together
     seed: int
     bucket_batches: int = 32    # global batches per length bucket; 1 = plain shuffle
+    pack_length: int | None = None  # data.max_length when packing, else None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -64,6 +71,20 @@ class BatchPlan:
     def global_batch(self, step: int) -> list[int]:
         epoch, index = self.position(step)
         return self.epoch_batches(epoch)[index]
+
+    def micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+        """This process's micro-batches (example indices) of optimizer step ``step``.
+
+        Unpacked: ``micro_batch_size`` examples each, always the same count (``split_global_batch``). Packed:
+        each packs into at most ``micro_batch_size`` rows of ``pack_length``; the count varies by step, so the
+        caller loops over what it gets and syncs gradients on the last one.
+        """
+        batch = self.global_batch(step)
+        if self.pack_length is None:
+            return split_global_batch(batch, rank, world_size, micro_batch_size)
+        from .packing import packed_micro_batches
+
+        return packed_micro_batches(batch, self.lengths, self.pack_length, rank, world_size, micro_batch_size)
 
 
 def split_global_batch(batch: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:

@@ -15,9 +15,7 @@ binds them to one run's plain values and adds what the recipe needs:
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ..data.batching import length_sorted_batches
 from ..data.tokenize import check_max_length
@@ -25,6 +23,9 @@ from ..errors import UserError
 from ..glue import data as glue_data
 from ..glue.metrics import score
 from ..glue.tasks import PROBLEM_TYPES, GlueTask, glue_task
+
+if TYPE_CHECKING:  # torch is imported inside the functions: `neuroada ls` lists GLUE tasks through this module
+    import torch
 
 
 class SequenceClassification:
@@ -49,6 +50,9 @@ class SequenceClassification:
     def from_config(cls, cfg) -> "SequenceClassification":
         from ..config_schema import config_value
 
+        if config_value(cfg, "data.packing", False):  # the head reads one example per row (its last token)
+            raise UserError("data.packing=true is for causal LMs; task.kind=sequence_classification classifies one "
+                            "example per row: set data.packing=false")
         return cls(task=config_value(cfg, "task.train_dataset"), data_dir=config_value(cfg, "data.dir"),
                    max_length=config_value(cfg, "data.max_length"), train_limit=config_value(cfg, "data.train_limit"),
                    seed=config_value(cfg, "trainer.seed", 0), head_dropout=config_value(cfg, "task.head_dropout"),
@@ -104,10 +108,22 @@ class SequenceClassification:
 
     def evaluate(self, model, examples: list[dict], pad_id: int, batch_size: int) -> dict:
         """The task's GLUE metrics on encoded examples, plus "loss" (mean per example)."""
+        return self.evaluation_metrics([self.evaluation_part(model, examples, pad_id, batch_size)])
+
+    def evaluation_part(self, model, examples: list[dict], pad_id: int, batch_size: int) -> dict:
+        """One process's share of a sharded evaluation (training/validation.py): its logits and labels, as
+        plain Python values (they travel between processes)."""
         logits = predict_logits(model, examples, pad_id, batch_size, collate=self.collate)
-        labels = [example["labels"] for example in examples]
+        return {"logits": logits.tolist(), "labels": [example["labels"] for example in examples]}
+
+    def evaluation_metrics(self, parts: list[dict]) -> dict:
+        """The metrics of every part together (GLUE metrics do not depend on the order of the examples)."""
+        import torch
+
+        logits = torch.tensor([row for part in parts for row in part["logits"]], dtype=torch.float32)
+        labels = [label for part in parts for label in part["labels"]]
         metrics = score(self.spec.name, logits.numpy(), labels)
-        metrics["loss"] = _loss_from_logits(logits, torch.tensor(labels)).item() / len(examples)
+        metrics["loss"] = _loss_from_logits(logits, torch.tensor(labels)).item() / len(labels)
         return metrics
 
 
@@ -130,6 +146,8 @@ def _forward(model, batch: dict) -> torch.Tensor:
 
 
 def _loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
     return F.cross_entropy(logits, labels.long(), reduction="sum")
@@ -146,6 +164,8 @@ def predict_logits(model, examples: list[dict], pad_id: int, batch_size: int, de
 
     ``advance(n)`` is called as batches finish (a progress bar); ``collate`` defaults to glue/data.py's.
     """
+    import torch
+
     if not examples:
         raise UserError("no examples to evaluate")
     collate = collate or (lambda chunk, pad: glue_data.collate_classification(chunk, pad))
@@ -173,6 +193,8 @@ def set_head_dropout(model, probability: float | None) -> None:
     transformers reads ``config.classifier_dropout`` only at construction, so the modules are changed
     directly; None keeps the checkpoint's value (hidden_dropout_prob).
     """
+    import torch
+
     if probability is None:
         return
     if not 0.0 <= probability < 1.0:
