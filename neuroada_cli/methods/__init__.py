@@ -44,7 +44,6 @@ class Method(Protocol):
     def base_source(self, cfg, adapter_dir: Path | None) -> tuple[str, str | None]:
         """(name_or_path, gguf_file) of the base model to load, given the run's adapter/ (or None)."""
 
-    shardable: bool  # whether trainer.strategy=fsdp can shard it (a full fine-tune would gather whole models)
 
     def gradient_batch_count(self, cfg) -> int:
         """How many training global batches attach wants (NeuroAda selection=gradient); 0 = none."""
@@ -81,18 +80,29 @@ def counts_line(counts: dict) -> str:
             f"({counts['trainable_percent']:.3f}%)" + (f" = {' + '.join(parts)}" if parts else ""))
 
 
-def load_trained(cfg, adapter_dir: str | os.PathLike | None, *, merge: bool, model=None, tokenizer=None):
+def load_trained(cfg, adapter_dir: str | os.PathLike | None, *, merge: bool, model=None, tokenizer=None,
+                 full_precision: bool = False):
     """(model, tokenizer, info): the run's base with its adapter applied, merged (fp32) if ``merge``.
 
     ``model``/``tokenizer``: an already-loaded model (e.g. right after training) instead of loading the base;
     ``adapter_dir`` None = the base alone (or the adapter is already on ``model``). Used by eval and export.
+    A run with ``model.quantization``: unmerged on the quantized base; ``merge`` folds the adapter into a
+    dequantized copy of it (eval.merge); ``full_precision`` (export) loads the base unquantized instead and merges
+    there, exactly as into the base a bf16 run would have trained on (the cells were chosen on those weights).
     """
     method = get_method(config_value(cfg, "method", "neuroada"))
     adapter = Path(adapter_dir) if adapter_dir is not None else None
     if adapter is not None and not adapter.is_dir():
         raise UserError(f"adapter {str(adapter_dir)!r} not found; pass the adapter/ folder of a training run")
+    if model is not None and full_precision:
+        from ..models import is_quantized
+
+        if is_quantized(model):  # the trained model sits on the quantized base: load the full-precision one
+            if adapter is None:
+                raise ValueError("load_trained: full_precision on a quantized model needs its saved adapter_dir")
+            model = None
     if model is None:
-        model, tokenizer = load_base(cfg, adapter)
+        model, tokenizer = load_base(cfg, adapter, full_precision=full_precision, training=False)
         model = method.load_for_eval(cfg, model, adapter) if adapter is not None else model
     elif adapter is not None:
         model = method.load_for_eval(cfg, model, adapter)
@@ -102,24 +112,57 @@ def load_trained(cfg, adapter_dir: str | os.PathLike | None, *, merge: bool, mod
     if merge:
         model, merged = method.merge(model)
     info = {"name_or_path": config_value(cfg, "model.name_or_path"), "dtype": config_value(cfg, "model.dtype"),
+            "quantization": None if full_precision else config_value(cfg, "model.quantization"),
             "method": method.name, "adapter": str(adapter_dir) if adapter_dir is not None else None,
             "adapter_files": _fingerprint(adapter), "merged": merged, "recipe": config_value(cfg, "recipe")}
     return model, tokenizer, info
 
 
-def load_base(cfg, adapter_dir: Path | None, *, kind=None, empty: bool = False):
+def load_base(cfg, adapter_dir: Path | None, *, kind=None, empty: bool = False, full_precision: bool = False,
+              training: bool = True):
     """(model, tokenizer): the base the run's method needs (full fine-tuning: its saved model), loaded with the
-    config's model keys and the task kind's head options; ``empty`` builds it on the meta device (fsdp).
-    The one place training, eval and export turn a config into a loaded base."""
+    config's model keys and the task kind's head options; ``empty`` builds it on the meta device (fsdp);
+    ``full_precision`` ignores model.quantization (export); ``training`` False (eval, export) skips the refusals
+    that only concern training on a quantized base. The one place training, eval and export turn a
+    config into a loaded base."""
     from ..kinds import get_kind
-    from ..models import load_model_and_tokenizer
+    from ..models import check_quantization, load_model_and_tokenizer
 
+    quantization = None if full_precision else config_value(cfg, "model.quantization")
+    check_quantization(quantization)  # a missing bitsandbytes: one line, before the tokenizer or any weight loads
+    if quantization is not None and training:
+        refuse_on_quantized_base(cfg, quantization)
     kind = kind or get_kind(config_value(cfg, "task.kind", "causal_lm")).from_config(cfg)
     source, gguf_file = get_method(config_value(cfg, "method", "neuroada")).base_source(cfg, adapter_dir)
     return load_model_and_tokenizer(
         source, kind=kind.name, dtype=config_value(cfg, "model.dtype", "float32"), gguf_file=gguf_file,
         family=config_value(cfg, "model.family", "auto"),
-        attn_implementation=config_value(cfg, "model.attn_implementation"), empty=empty, **kind.model_options())
+        attn_implementation=config_value(cfg, "model.attn_implementation"), empty=empty, quantization=quantization,
+        **kind.model_options())
+
+
+def refuse_on_quantized_base(cfg, quantization: str) -> None:
+    """One line, before the model loads, for what cannot train on a frozen 4/8-bit base."""
+    method = config_value(cfg, "method", "neuroada")
+    if config_value(cfg, "trainer.strategy") == "fsdp":
+        raise UserError(QUANTIZED_FSDP_REFUSAL.format(quantization=quantization))
+    if method == "full":
+        raise UserError(f"method=full cannot train a model.quantization={quantization} base (its 4/8-bit weights "
+                        "take no gradient); use method=neuroada or method=lora, or model.quantization=null")
+    if method == "neuroada" and config_value(cfg, "neuroada.selection") == "gradient":
+        raise UserError(f"neuroada.selection=gradient is not available on a model.quantization={quantization} base; "
+                        "use selection=magnitude (chosen on the full-precision weights)")
+
+
+# FSDP2 itself can shard a bitsandbytes 4-bit layer: with bnb_4bit_quant_storage = the model dtype the packed
+# codes are ordinary bf16 rows, and Linear4bit restores its quantization state from the module after the
+# all-gather (a 2-process gloo probe gave the unsharded forward bitwise, backward ran). What is missing is the
+# strategy's side: its lean loading builds every model on the meta device and fills it from process 0's copy,
+# and a bitsandbytes model quantizes while it loads, so it cannot be built that way; nor do its checkpoints know
+# packed weights. Until that is wired, refuse.
+QUANTIZED_FSDP_REFUSAL = ("model.quantization={quantization} is not supported with trainer.strategy=fsdp yet (its "
+                          "lean loading builds the model on the meta device, which a bitsandbytes base cannot be); "
+                          "use trainer.strategy=ddp: a 4-bit base is small enough to replicate")
 
 
 def _fingerprint(folder: Path | None) -> str | None:

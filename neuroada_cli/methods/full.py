@@ -8,7 +8,6 @@ from . import config_value
 
 class FullMethod:
     name = "full"
-    shardable = False  # saving would gather the whole model on every process
 
     def describe(self, cfg) -> str:
         return "full fine-tuning"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from . import config_value
 
 CONFIG_NAME = "head_config.json"
@@ -30,7 +30,6 @@ def head_modules(model, patterns: list[str]) -> dict:
 
 class HeadMethod:
     name = "head"
-    shardable = False  # the head is small: sharding buys nothing
 
     def describe(self, cfg) -> str:
         return f"head only ({', '.join(cfg.head.modules_to_save)})"
@@ -63,7 +62,7 @@ class HeadMethod:
             json.loads(config_file.read_text())["modules_to_save"]
             tensors = load_file(str(weights_file))
         except Exception as err:  # bad JSON, missing key, truncated safetensors header
-            reason = " ".join(str(err).split())[:120] or type(err).__name__
+            reason = one_line(err, 120)
             raise UserError(f"head adapter {str(adapter_dir)!r} is damaged ({reason}); restore it from its run or "
                             "retrain it") from None
         params = dict(model.named_parameters())

@@ -19,8 +19,8 @@ from ..errors import UserError
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
-# Bump when the conversion itself changes so old caches are rebuilt.
-CACHE_FORMAT = 1
+# Bump when the conversion itself changes so old caches are rebuilt (2: the marker lists every file's size).
+CACHE_FORMAT = 2
 CACHE_MARKER = "neuroada_source.json"
 
 
@@ -114,16 +114,51 @@ def _source_fingerprint(source: ModelSource) -> dict:
     return {"format": CACHE_FORMAT, "gguf": str(gguf), "size": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def _cache_is_valid(directory: Path, fingerprint: dict) -> bool:
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is damaged (its header unreadable, or its tensors not ending at the file's end), or
+    None. Reads only the header: a truncated file (a killed copy, a full disk) is caught without loading it."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            return "header cut short"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+            return "header unreadable"
+    return None if 8 + length + end == size else f"holds {size} bytes, its header describes {8 + length + end}"
+
+
+def cache_problem(directory: Path, fingerprint: dict) -> str | None:
+    """Why the cached checkpoint cannot be used (absent, stale, damaged), or None when it is complete: every
+    file the marker lists has its recorded size, and every safetensors header describes its whole file."""
     marker = directory / CACHE_MARKER
     if not (marker.is_file() and (directory / "config.json").is_file()):
-        return False
+        return "absent"
     try:
         saved = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    # The mtime changes on reinstall of the same package; size + format are what matter.
-    return saved.get("format") == fingerprint["format"] and saved.get("size") == fingerprint["size"]
+        # The mtime changes on reinstall of the same package; size + format are what matter.
+        if saved.get("format") != fingerprint["format"] or saved.get("size") != fingerprint["size"]:
+            return "stale"
+        for name, size in saved["files"].items():
+            path = directory / name
+            if not path.is_file() or path.stat().st_size != size:
+                return f"{name} is missing or has another size than when it was written"
+            if name.endswith(".safetensors") and (problem := _safetensors_problem(path)) is not None:
+                return f"{name}: {problem}"
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return "its marker is unreadable"
+    return None
+
+
+def _cache_is_valid(directory: Path, fingerprint: dict) -> bool:
+    return cache_problem(directory, fingerprint) is None
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _convert_gguf(source: ModelSource, target: Path, fingerprint: dict) -> None:
@@ -145,7 +180,8 @@ def _convert_gguf(source: ModelSource, target: Path, fingerprint: dict) -> None:
             tokenizer.model_max_length = model.config.max_position_embeddings
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
-            (temporary / CACHE_MARKER).write_text(json.dumps(fingerprint, indent=2) + "\n")
+            marker = {**fingerprint, "files": _file_sizes(temporary)}
+            (temporary / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     except (OSError, WriteError):
         # Another process renamed its conversion into place between our check and our rename; use theirs.
         if not _cache_is_valid(target, fingerprint):
@@ -156,6 +192,10 @@ def cached_checkpoint(source: ModelSource) -> Path:
     """The safetensors checkpoint for a GGUF source, converting it first if needed."""
     target = paths.cache_dir() / "models" / source.cache_name
     fingerprint = _source_fingerprint(source)
-    if not _cache_is_valid(target, fingerprint):
+    problem = cache_problem(target, fingerprint)
+    if problem is not None:
+        if problem not in ("absent", "stale"):
+            logger.warning("the cached checkpoint %s is damaged (%s); converting %s again", target, problem,
+                           source.label)
         _convert_gguf(source, target, fingerprint)
     return target

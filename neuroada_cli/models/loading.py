@@ -22,12 +22,12 @@ import logging
 from .. import paths
 from ..errors import UserError
 from .cache import EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelSource, cached_checkpoint, resolve_model_source
+from .quantized import check_quantization, keep_weights_in_place, quantization_config, quantized_device_map
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("auto", "llama", "llama3", "smollm", "bert", "roberta")
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("nf4", "fp4", "int8")  # model.quantization: a frozen bitsandbytes base (null = none)
 # model.attn_implementation (null = transformers' default, sdpa where the model supports it)
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -82,6 +82,7 @@ def load_model_and_tokenizer(
     problem_type: str | None = None,
     attn_implementation: str | None = None,
     empty: bool = False,
+    quantization: str | None = None,
 ):
     """Load ``(model, tokenizer)`` with the pad policy applied and right padding.
 
@@ -92,7 +93,15 @@ def load_model_and_tokenizer(
     ``problem_type="regression"`` implies one label). A checkpoint head of another size is
     replaced rather than rejected. ``attn_implementation`` (eager | sdpa | flash_attention_2)
     goes to ``from_pretrained``; None keeps transformers' choice.
+
+    ``quantization`` (nf4 | fp4 | int8, see models/quantized.py): a frozen bitsandbytes base computing in
+    ``dtype``, placed on this process's device at load (never move it afterwards). Every model gets ``neuroada_checkpoint``:
+    the checkpoint it was read from (folder or hub id), where full_precision_weights reads unquantized weights.
     """
+    check_quantization(quantization)  # a missing package: one line before anything loads
+    if quantization is not None and empty:
+        raise UserError(f"model.quantization={quantization} cannot be built on the meta device (trainer.strategy=fsdp);"
+                        " use trainer.strategy=ddp")
     import transformers
     from transformers import AutoTokenizer
 
@@ -120,6 +129,9 @@ def load_model_and_tokenizer(
         options["ignore_mismatched_sizes"] = True
     if problem_type is not None:
         options["problem_type"] = problem_type
+    if quantization is not None:
+        options["quantization_config"] = quantization_config(quantization, dtype_value)
+        options["device_map"] = quantized_device_map()
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(location, **hub_options)
@@ -137,10 +149,13 @@ def load_model_and_tokenizer(
         # Hub failures (unknown id, no network, offline cache miss) arrive as OSError/ValueError
         # subclasses; keep them to one line.
         raise _load_error(source, err) from None
+    model.neuroada_checkpoint = location  # where full_precision_weights reads the unquantized weights
+    if quantization is not None:
+        keep_weights_in_place(model)
     resolved = apply_pad_policy(model, tokenizer, family)
     tokenizer.padding_side = "right"
-    logger.info("loaded %s (%s, %s, family %s, %.1fM parameters)", source.label, kind, dtype, resolved,
-                sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info("loaded %s (%s, %s%s, family %s, %.1fM parameters)", source.label, kind, dtype,
+                f", {quantization}" if quantization else "", resolved, sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tokenizer
 
 
