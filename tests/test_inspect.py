@@ -51,7 +51,7 @@ def _model_with_adapter():
     randomise_deltas(model)
     layers = neuroada_layers(model)
     with torch.no_grad():
-        layers["model.layers.0.self_attn.q_proj"].neuroada_delta[:5] = 0
+        layers["model.layers.0.self_attn.q_proj"].delta[:5] = 0
     return model, layers
 
 
@@ -114,7 +114,7 @@ def test_histogram_counts_equal_selected_cells(fake_run):
         assert s.column_counts.tolist() == torch.bincount(idx.flatten()).tolist()
         expected_moved = s.d_out - (5 if s.name == "model.layers.0.self_attn.q_proj" else 0)
         assert s.rows_moved == expected_moved and s.rows_with_cells == s.d_out
-        assert s.delta_norm == pytest.approx(layers[s.name].neuroada_delta.norm().item(), rel=1e-5)
+        assert s.delta_norm == pytest.approx(layers[s.name].delta.norm().item(), rel=1e-5)
         top = s.top_inputs(3)
         assert top[0][1] == pytest.approx(s.column_counts.max() / s.cells)
     histograms = selection_histograms(stats)

@@ -259,6 +259,33 @@ def test_stale_cache_is_replaced_and_a_racing_conversion_is_reused(tmp_path, mon
     assert (cache / "model.safetensors").is_file() and [p.name for p in cache.parent.iterdir()] == [cache.name]
 
 
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _header_garbled(path):
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"\xff" * 8  # same size, the JSON header no longer parses
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_cut, _header_garbled, lambda path: path.unlink()])
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, fake_gguf_loader, damage):
+    """A cached checkpoint cut short (a full disk, a killed copy) or garbled is converted again, not loaded."""
+    monkeypatch.setenv("NEUROADA_CACHE_DIR", str(tmp_path / "cache"))
+    source_dir = tmp_path / "gguf-model"
+    source_dir.mkdir()
+    (source_dir / "tiny.gguf").write_bytes(b"GGUF fake")
+    source = resolve_model_source(str(source_dir))
+    cache = models.cached_checkpoint(source)
+    assert set(json.loads((cache / models.CACHE_MARKER).read_text())["files"]) >= {"model.safetensors", "config.json"}
+    damage(cache / "model.safetensors")
+    model, _ = load_model_and_tokenizer(str(source_dir))
+    assert len(fake_gguf_loader) == 2  # converted again
+    assert torch.equal(model.lm_head.weight, tiny_llama().lm_head.weight)
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]
+
+
 # ---------------------------------------------------------------- embedded models
 
 def test_embedded_minilm_sequence_classification():

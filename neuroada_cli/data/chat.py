@@ -18,7 +18,7 @@ SmolLM2-Instruct: ``<|im_start|>assistant\\n`` is the prompt, ``Hello there<|im_
 """
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from . import IGNORE_INDEX
 
 
@@ -27,7 +27,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja raises its own types (e.g. a template that demands alternating roles)
         raise UserError(f"the tokenizer's chat template cannot render this conversation "
-                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); fix the data's roles")\
+                        f"({one_line(err, 200)}); fix the data's roles")\
             from None
 
 

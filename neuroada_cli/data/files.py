@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import paths
-from ..errors import UserError
+from ..errors import UserError, one_line, reading
 
 # file suffix -> datasets builder; compressed JSON is read by the same builder
 LOADERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".csv": "csv",
@@ -74,18 +74,51 @@ def _read_file(path: Path, key: str) -> list[dict]:
                         "(.json.gz / .jsonl.gz too)")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty; give a file with at least one record")
+    if builder in ("json", "csv"):
+        check_utf8(path)  # before the loaders, whose decode errors name neither the row nor the line
     try:
         # CSV cells stay text: pandas would turn a completion " 2" into the number 2 (losing its space)
         options = {"features": _text_columns(path)} if builder == "csv" else {}
         table = _load_quietly(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # pyarrow / json / datasets raise many types for "cannot parse this"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: cannot read it as {builder.upper()} ({first[:200]}); check the file's format") \
-            from None
-    rows = table.to_list()
+        raise UserError(f"{path}: cannot read it as {builder.upper()} ({one_line(err, 200)}); check the file's "
+                        "format") from None
+    rows = _table_rows(table, path)
     if not rows:
         raise UserError(f"{path}: the file has no records; give a file with at least one record")
     return rows
+
+
+def check_utf8(path: Path) -> None:
+    """UserError naming the first line (and, for JSON Lines, the row) that is not UTF-8 text."""
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    lines_are_rows = ".jsonl" in path.name.lower()
+    row = 0
+    with reading(path, "data file", "check the file (and its compression)"), opener(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            row += bool(line.strip())
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"row {row} (line {number})" if lines_are_rows else f"line {number}"
+                raise UserError(f"{path}: {where} is not UTF-8 text (byte 0x{line[err.start]:02x} at column "
+                                f"{err.start + 1}); save the file as UTF-8 or fix or remove that row") from None
+
+
+def _table_rows(table, path: Path) -> list[dict]:
+    """The loaded table as plain dicts; a cell that is not UTF-8 (Parquet can hold such bytes) names its row."""
+    try:
+        return table.to_list()
+    except UnicodeDecodeError:
+        for number in range(len(table)):
+            try:
+                table[number]
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}: row {number + 1} is not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
+                                "fix or remove that row") from None
+        raise
 
 
 def _read_hub(source: str, key: str) -> list[dict]:
@@ -108,6 +141,6 @@ def hub_rows(name: str, config: str | None = None, *, split: str, what: str, fix
     try:
         table = _load_quietly(name, config, split=split) if config else _load_quietly(name, split=split)
     except Exception as err:  # network, auth, cache, not found: datasets raises many unrelated types
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        reason = one_line(err, 200)
         raise UserError(f"{what}: the hub download failed ({reason}); {fix}") from None
     return [dict(row) for row in table]

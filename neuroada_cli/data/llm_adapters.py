@@ -9,7 +9,7 @@ import gzip
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, reading
 
 REQUIRED_FIELDS = ("instruction", "output")
 TEXT_FIELDS = ("instruction", "input", "output", "answer")
@@ -30,11 +30,10 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) -> 
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} not found; check data.dir / NEUROADA_DATA_DIR")
     opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            rows = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{path}: not a valid JSON file ({err}); expected a JSON list of objects") from None
+    # json, encoding, gzip (BadGzipFile, EOFError of a truncated .gz) and disk errors: one line naming the file
+    with reading(path, "data file", "expected a JSON list of objects (fix the file or fetch it again)"), \
+            opener(path, "rt", encoding="utf-8") as handle:
+        rows = json.load(handle)
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
     for number, row in enumerate(rows):

@@ -57,7 +57,7 @@ from pathlib import Path
 
 from ..data.tokenize import check_max_length
 from ..data.train_sets import seeded_subset
-from ..errors import UserError
+from ..errors import UserError, reading
 from ..paths import data_dir as resolve_data_dir
 from ..paths import hub_offline
 from .tasks import GlueTask, glue_task
@@ -120,7 +120,8 @@ def _validate_row(spec: GlueTask, row, where: str, position: int) -> dict:
 def _read_jsonl(path: Path, spec: GlueTask) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    try:
+    # reading(): any decoding fault (a truncated gzip, bad UTF-8, an I/O error) is one line naming the file
+    with reading(path, "GLUE data file", "expected UTF-8 JSON Lines, optionally gzipped; restore or re-create it"):
         with opener(path, "rt", encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -131,8 +132,6 @@ def _read_jsonl(path: Path, spec: GlueTask) -> list[dict]:
                     raise UserError(f"{path}: line {number} is not valid JSON ({err.msg}); "
                                     "expected one JSON object per line") from None
                 rows.append(_validate_row(spec, row, f"{path}: line {number}", len(rows)))
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise UserError(f"{path}: cannot be read ({err}); expected UTF-8 JSON Lines, optionally gzipped") from None
     return rows
 
 

@@ -11,6 +11,7 @@ input axes end at the largest selected index.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,11 @@ import numpy as np
 
 from . import plots as inspect_plots
 from ..atomic import atomic_directory
-from ..errors import UserError
+from ..errors import UserError, reading
 from .report import render_report
+
+logger = logging.getLogger(__name__)
+RERUN_EVAL = "delete it and re-run `neuroada eval run=DIR`"
 
 INSPECT_DIR = "inspect"
 REPORT_NAME = "report.md"
@@ -88,7 +92,8 @@ def _layer_tensors(weights: Path) -> dict[str, dict[str, np.ndarray]]:
     from safetensors import safe_open
 
     found: dict[str, dict[str, np.ndarray]] = {}
-    with safe_open(str(weights), framework="pt") as handle:
+    with reading(weights, "adapter weights", "restore the adapter from a checkpoint or retrain"), \
+            safe_open(str(weights), framework="pt") as handle:  # a truncated file fails at open or at a tensor
         for key in handle.keys():
             name = _strip_prefixes(key)
             for role, suffixes in (("delta", DELTA_SUFFIXES), ("indices", INDEX_SUFFIXES)):
@@ -161,7 +166,9 @@ def read_train_log(path: Path) -> tuple[list[tuple[int, float]], dict[str, list[
     and so is a torn last line (a run killed while writing)."""
     train: list[tuple[int, float]] = []
     validation: dict[str, list[tuple[int, float]]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    with reading(path, "train log", "restore it from the run or inspect another run"):
+        text = path.read_text(encoding="utf-8")
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -200,8 +207,34 @@ def read_predictions(eval_dir: Path) -> dict[str, list[dict]]:
     tasks = {}
     for path in sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []:
         task = path.relative_to(folder).with_suffix("").as_posix()
-        tasks[task] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        tasks[task] = read_prediction_file(path)
     return tasks
+
+
+def read_prediction_file(path: Path) -> list[dict]:
+    """The records of one predictions file. The eval runner writes these files atomically, so a torn line is
+    outside damage: a torn LAST line (a copy cut short, a writer killed mid-line, as the train log allows) is
+    skipped with a note, since the report of the other records stays true and says how many it read; a bad
+    line before the end means the file is damaged and is one error naming the file and the line."""
+    with reading(path, "predictions file", RERUN_EVAL):
+        lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if position == len(lines) - 1:
+                logger.warning("%s: line %d is cut short (%s); inspect skipped it and read the %d lines before it",
+                               path, number, err.msg, len(records))
+                break
+            raise UserError(f"predictions file {str(path)!r} is damaged (line {number} is not valid JSON: "
+                            f"{err.msg}); {RERUN_EVAL}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"predictions file {str(path)!r} is damaged (line {number} is not a JSON object); "
+                            f"{RERUN_EVAL}")
+        records.append(record)
+    return records
 
 
 def _is_label(value) -> bool:
@@ -225,10 +258,13 @@ def confusion_counts(records: list[dict]) -> np.ndarray | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError:
-        raise UserError(f"{str(path)!r} is not valid JSON; re-run the step that writes it") from None
+    if not path.is_file():
+        return {}
+    with reading(path, "", "re-run the step that writes it"):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise UserError(f"{str(path)!r} is damaged (not a JSON object); re-run the step that writes it")
+    return value
 
 
 def run_method(run_info: dict, adapter_dir: Path) -> str:

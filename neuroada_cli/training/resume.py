@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import run_dir
-from ..errors import UserError
+from ..errors import UserError, reading
+from .parts import flat_config
 
 # Keys a resume may change (exact names, or a prefix ending in "."): length, logging, checkpoints, evaluation.
 HARMLESS_KEYS = ("recipe", "eval.", "data.val_file", "trainer.max_steps", "trainer.epochs", "trainer.log_every",
@@ -36,37 +37,23 @@ def resume_point(output_dir: Path, resume) -> tuple[int, Path] | None:
     return None
 
 
-def _flat(node, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _harmless(key: str) -> bool:
     return any(key == name or (name.endswith(".") and key.startswith(name)) for name in HARMLESS_KEYS)
 
 
 def read_saved_config(output_dir: Path) -> dict | None:
     """The run's config.yaml as a plain dict (None when the run has none); a damaged file is an error."""
-    import yaml
     from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     path = Path(output_dir) / "config.yaml"
     if not path.is_file():
         return None
-    try:
+    with reading(path, "run config", "restore it or start a new run"):  # yaml, OmegaConf, encoding, OSError
         loaded = OmegaConf.load(path)  # OmegaConf's own YAML reading (floats such as 1e-08 stay floats)
         saved = OmegaConf.to_container(loaded) if isinstance(loaded, DictConfig) else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
-        reason = " ".join(str(err).split())[:160]
-        raise UserError(f"{str(path)!r} is damaged ({reason}); restore it or start a new run") from None
     if not isinstance(saved, dict):
-        raise UserError(f"{str(path)!r} is damaged (not a YAML mapping of config keys); restore it or start a new run")
+        raise UserError(f"run config {str(path)!r} is damaged (not a YAML mapping of config keys); restore it or "
+                        "start a new run")
     return saved
 
 
@@ -78,7 +65,7 @@ def resume_changes(output_dir: Path, cfg) -> list[str]:
     saved = read_saved_config(output_dir)
     if saved is None:
         return []
-    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    old, new = flat_config(saved), flat_config(OmegaConf.to_container(cfg, resolve=True))
     changed = [key for key in new if key in old and old[key] != new[key]]  # keys added since: nothing to compare
     refused = [key for key in changed if not _harmless(key)]
     if refused:

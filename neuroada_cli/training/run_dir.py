@@ -10,9 +10,11 @@ Layout (the same for every method)::
     <output_dir>/run.json           parameter counts, memory, timings, adapter size, validation, package version
     <output_dir>/checkpoints/step-N/   adapter/ + trainer_state.pt (optimizer, scheduler, RNG, step, validation)
     <output_dir>/trackers/          trainer.report_to: TensorBoard events, MLflow file store, wandb offline run
+    <output_dir>/.neuroada.lock     while a run is on it: its pid, host, start (run_lock.py; one run per directory)
 
 Checkpoints go through ``atomic.atomic_directory`` (a hidden temporary directory renamed into place), so
-a run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+a run killed at any moment leaves either the previous checkpoint or the new one, never half of one; the next
+checkpoint write removes the staging folders such a kill left (``atomic.remove_leftovers``).
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_directory, write_atomic
-from ..errors import UserError
+from ..atomic import atomic_directory, remove_leftovers, write_atomic
+from ..errors import UserError, one_line, reading
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,8 +67,7 @@ def write_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None],
         write(folder)
     for _, old in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temporary folders of a write killed in an earlier run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(root)  # staging folders of checkpoint writes killed in an earlier session (dead writers only)
     return final
 
 
@@ -146,6 +147,7 @@ def trainer_state(step: int, position: tuple[int, int], optimizer, scheduler, ex
 
 
 TRAINER_STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
+_DAMAGED_FIX = "delete that checkpoint folder to resume from an earlier one, or start a new run"
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
@@ -153,16 +155,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
     import torch
 
     path = checkpoint / "trainer_state.pt"
-    try:
+    with reading(path, "trainer state", _DAMAGED_FIX):  # truncated zip, pickle errors, unreadable file
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle errors, unreadable file: all mean "damaged"
-        reason = f"{type(err).__name__}: {_reason(err)}" if isinstance(err, OSError) else type(err).__name__
-        raise UserError(f"{str(path)!r} is damaged (not a readable torch checkpoint: {reason[:120]}); delete that "
-                        "checkpoint folder to resume from an earlier one, or start a new run") from None
     missing = [key for key in TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise UserError(f"{str(path)!r} is damaged (no {', '.join(missing)}); delete that checkpoint folder to "
-                        "resume from an earlier one, or start a new run")
+        raise UserError(f"trainer state {str(path)!r} is damaged (no {', '.join(missing)}); {_DAMAGED_FIX}")
     return state
 
 
@@ -179,13 +176,9 @@ def restore_trainer_state(state: dict, checkpoint: Path, optimizer, scheduler) -
         torch.set_rng_state(rng["torch"])
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
-        raise UserError(f"{str(checkpoint / 'trainer_state.pt')!r} does not fit this run ({_reason(err)}); "
+        raise UserError(f"{str(checkpoint / 'trainer_state.pt')!r} does not fit this run ({one_line(err, 150)}); "
                         "resume with the config that wrote it, or start a new run") from None
     if rng.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"]), state.get("extra", {})
 
-
-def _reason(err: Exception) -> str:
-    text = " ".join(str(err).split())
-    return (text[:150] + "...") if len(text) > 150 else (text or type(err).__name__)
