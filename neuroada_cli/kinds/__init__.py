@@ -1,8 +1,8 @@
 """Task kinds: what a kind of task owns (examples, collation, loss, validation), looked up in one table.
 
 The recipe (train.py) never asks which kind it runs: it calls the bound kind object. One class per kind
-(``kinds/causal_lm.py``, ``kinds/classification.py``), no base class; this module imports no
-torch/transformers (config validation imports the name table).
+(``kinds/causal_lm.py``, ``kinds/classification.py``, ``kinds/preference.py``), no base class; this module
+imports no torch/transformers (config validation imports the name table).
 
     kind = get_kind(cfg.task.kind).from_config(cfg)   # plain values inside; no cfg kept
     kind.model_options() -> dict            # extra options for models.load_model_and_tokenizer
@@ -31,6 +31,7 @@ from ..errors import UserError
 KIND_MODULES = {
     "causal_lm": "neuroada_cli.kinds.causal_lm:CausalLM",
     "sequence_classification": "neuroada_cli.kinds.classification:SequenceClassification",
+    "preference": "neuroada_cli.kinds.preference:Preference",
 }
 KIND_NAMES = tuple(KIND_MODULES)
 
