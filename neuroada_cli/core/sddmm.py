@@ -59,11 +59,35 @@ def sddmm_sparse(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor
             crow, idx.reshape(-1), torch.zeros(d_out * k, dtype=grad_out.dtype, device=grad_out.device),
             (d_out, inputs.shape[1]), check_invariants=False,
         )
-    # inputs in column-major layout: each selected column is read contiguously
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "CSR support is in beta" noise
-        product = torch.sparse.sampled_addmm(pattern, grad_out.t(), inputs.t().contiguous().t(), beta=0.0)
+        product = torch.sparse.sampled_addmm(pattern, *_row_major_operands(grad_out, inputs), beta=0.0)
     return product.values().view(d_out, k)
+
+
+# The last input transposed for sampled_addmm: sibling layers (q/k/v, gate/up) keep the same input tensor, so
+# their backward passes transpose it once. The source is held, so its memory cannot be reused while cached;
+# the key also carries its version, so an in-place change misses.
+_TRANSPOSED: list = [None, None, None]  # [key, source, transposed copy]
+
+
+def _transposed(inputs: torch.Tensor) -> torch.Tensor:
+    """inputs^T as a contiguous [d_in, T] copy, reused while the same tensor comes again."""
+    if torch.compiler.is_compiling():
+        return inputs.t().contiguous()
+    key = (inputs.data_ptr(), inputs.shape, inputs.stride(), inputs.dtype, inputs.device, inputs._version)
+    if _TRANSPOSED[0] != key:
+        _TRANSPOSED[:] = [None, None, None]  # drop the old copy before making the new one
+        _TRANSPOSED[:] = [key, inputs, inputs.t().contiguous()]
+    return _TRANSPOSED[2]
+
+
+def _row_major_operands(grad_out: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sampled_addmm's operands dY^T [d_out, T] and X [T, d_in] laid out so that each of its dot products reads
+    two contiguous rows: dY^T made contiguous here (on CPU its own copy of a strided operand is about 2x slower
+    than .contiguous(), bench_sddmm.py), X as the transpose of a contiguous X^T. The same values in the same
+    order reach the kernel, so the gradient is bitwise the one of passing the strided views."""
+    return grad_out.t().contiguous(), _transposed(inputs).t()
 
 
 def sddmm_gather(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -97,7 +121,7 @@ def sampled_cell_grad(grad_out: torch.Tensor, inputs: torch.Tensor, crow: torch.
             warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
             pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=dtype, device=cols.device),
                                               (grad_out.shape[1], inputs.shape[1]), check_invariants=False)
-            return torch.sparse.sampled_addmm(pattern, grad_out.t(), inputs.t().contiguous().t(), beta=0.0).values()
+            return torch.sparse.sampled_addmm(pattern, *_row_major_operands(grad_out, inputs), beta=0.0).values()
     except (RuntimeError, NotImplementedError):  # backend without sampled_addmm for this device/dtype
         inputs_t, grad_t = inputs.t().contiguous(), grad_out.t().contiguous()
         step = max(1, SCRATCH_ELEMENTS // max(1, inputs.shape[0]))

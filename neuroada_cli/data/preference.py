@@ -34,6 +34,7 @@ from pathlib import Path
 from ..errors import UserError
 from .formats import ROLE_NAMES
 from .prompts import build_prompt
+from .tokenize import common_prefix
 
 COLUMNS = ("prompt", "chosen", "rejected")
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)")
@@ -192,15 +193,6 @@ def load_pairs(*, train_dataset: str, data_dir: str | Path | None, template: str
 
 
 # ------------------------------------------------------------------------------------------ tokens
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _texts(pair: dict, tokenizer) -> tuple[str, str, str, list[int]]:
     """(prompt text, prompt + chosen, prompt + rejected, ids to put in front) of one pair."""
     from .tokenize import special_prefix_ids
@@ -233,7 +225,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
         prompt_ids, chosen_full, rejected_full = (
             tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, chosen, rejected))
         end = [_eos_id(tokenizer)] if isinstance(pair["prompt"], str) else []
-        shared = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
+        shared = min(common_prefix(prompt_ids, chosen_full), common_prefix(prompt_ids, rejected_full))
         head = prefix + list(chosen_full[:shared])
         chosen_ids, rejected_ids = list(chosen_full[shared:]) + end, list(rejected_full[shared:]) + end
         if not head:

@@ -148,3 +148,14 @@ def collate_causal(examples: list[dict], pad_id: int) -> dict:
     # The invariant the loss relies on: nothing outside the mask is ever supervised.
     labels[attention_mask == 0] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def common_prefix(a, b) -> int:
+    """How many leading tokens two id sequences share (where a prompt's tokens end inside prompt + answer:
+    tokenizers may merge across the boundary, so the shared prefix, not len(prompt), is what is conditioned on)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

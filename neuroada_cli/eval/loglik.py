@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from ..errors import UserError
 from ..data.batching import length_sorted_batches
+from ..data.tokenize import common_prefix
 from ..models import forward_accepts  # torch is imported inside the functions: `neuroada ls` needs none
 from .generation import encode, left_pad, pad_token_id
 
@@ -38,15 +39,6 @@ class _Row:
     targets: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], share: bool) -> tuple[list[_Row], list[list[int]]]:
     """Rows to run and the number of scored tokens of every (example, candidate)."""
     rows: list[_Row] = []
@@ -54,7 +46,7 @@ def plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], shar
     for i, (prompt, fulls) in enumerate(zip(prompt_ids, full_ids)):
         starts = []
         for k, full in enumerate(fulls):
-            start = _common_prefix(prompt, full)
+            start = common_prefix(prompt, full)
             if start < 1:
                 raise UserError(f"example {i}: the prompt is empty and the tokenizer adds no bos token; cannot score it")
             if start >= len(full):
@@ -63,7 +55,7 @@ def plan_rows(prompt_ids: list[list[int]], full_ids: list[list[list[int]]], shar
         counts.append([len(full) - start for full, start in zip(fulls, starts)])
         shared = len(fulls[0])
         for full in fulls[1:]:
-            shared = min(shared, _common_prefix(fulls[0], full))
+            shared = min(shared, common_prefix(fulls[0], full))
         one_forward = share and all(len(full) == shared + 1 for full in fulls) and max(starts) <= shared
         if one_forward:
             row = _Row(list(fulls[0][:shared]))
