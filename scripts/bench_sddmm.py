@@ -4,7 +4,7 @@ Compares, interleaved in one run, for the layer shapes of the step benchmark: th
 gradient dY^T X (what masked tuning and the authors' code pay), the column path (one gathered input
 column per selected slot, our choice for k <= sddmm.COLUMN_PATH_MAX_K), torch.sparse.sampled_addmm
 (our choice above it), and the chunked gather + bmm fallback. Times are medians, reported as ratios
-to the dense product.   python scripts/bench_sddmm.py [--tokens 1024] [--json]
+to the dense product.   python scripts/bench_sddmm.py [--tokens 1024] [--shapes smollm2] [--json]
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ import torch
 from neuroada_cli.core import selection
 from neuroada_cli.core.sddmm import sddmm_columns, sddmm_gather, sddmm_sparse
 
+SHAPES = {"llama2048": [(2048, 2048), (5504, 2048), (2048, 5504)],  # (d_out, d_in)
+          "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)]}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -25,10 +28,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8, 20])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="llama2048",
+                        help="layer shapes: the step benchmark's 2048/5504 Llama, or SmolLM2-135M's 576/1536 layers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = [(2048, 2048), (5504, 2048), (2048, 5504)]
+    shapes = SHAPES[args.shapes]
     rows = []
     for d_out, d_in in shapes:
         grad_out, inputs = torch.randn(args.tokens, d_out), torch.randn(args.tokens, d_in)

@@ -67,8 +67,12 @@ def sddmm_sparse(grad_out: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor
 
 # The last input transposed for sampled_addmm: sibling layers (q/k/v, gate/up) keep the same input tensor, so
 # their backward passes transpose it once. The source is held, so its memory cannot be reused while cached;
-# the key also carries its version, so an in-place change misses.
+# the key also carries its version, so an in-place change misses. Emptied when the backward pass ends.
 _TRANSPOSED: list = [None, None, None]  # [key, source, transposed copy]
+
+
+def _forget_transposed() -> None:
+    _TRANSPOSED[:] = [None, None, None]
 
 
 def _transposed(inputs: torch.Tensor) -> torch.Tensor:
@@ -79,6 +83,10 @@ def _transposed(inputs: torch.Tensor) -> torch.Tensor:
     if _TRANSPOSED[0] != key:
         _TRANSPOSED[:] = [None, None, None]  # drop the old copy before making the new one
         _TRANSPOSED[:] = [key, inputs, inputs.t().contiguous()]
+        try:  # inside a backward pass: forget the copy when it ends (not an activation to keep until the next)
+            torch.autograd.Variable._execution_engine.queue_callback(_forget_transposed)
+        except RuntimeError:  # called outside backward (a benchmark, a test): kept until the next input
+            pass
     return _TRANSPOSED[2]
 
 
