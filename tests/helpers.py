@@ -12,8 +12,10 @@ import os
 import random
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -109,6 +111,43 @@ def deltas(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(one: Path, two: Path) -> None:
+    """Two runs' adapters (e.g. 2 processes vs 1): deltas within 1e-4 of their scale (gloo's all-reduce sums in
+    another order than accumulation does), every other tensor (the selected columns) identical."""
+    a, b = deltas(one), deltas(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith("delta"):
+            scale = a[name].abs().max()
+            assert scale > 0 and (a[name] - b[name]).abs().max() <= 1e-4 * scale, name
+        else:
+            assert a[name].equal(b[name]), name
+
+
+def kill_after_first_checkpoint(train_args: list[str], output_dir: Path, timeout: float) -> None:
+    """Start ``neuroada train ARGS trainer.output_dir=OUTPUT_DIR`` and SIGKILL it once a checkpoint exists."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "neuroada_cli", "train", *train_args,
+                                f"trainer.output_dir={output_dir}"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not list((output_dir / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def pair_rows(n: int = 8) -> list[dict]:
+    """Preference pairs (prompt / chosen / rejected) in the authors' answer format."""
+    words = ["the quick brown fox", "jumps over the lazy dog", "a man is playing a guitar", "the answer is 12"]
+    return [{"prompt": f"Please choose the correct answer to the question: {words[i % 4]} {i}\n",
+             "chosen": "the correct answer is true", "rejected": f"the correct answer is {['false', 'option2'][i % 2]}"}
+            for i in range(n)]
 
 
 def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300,

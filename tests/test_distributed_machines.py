@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, deltas, free_port, tiny_overrides, train_in_process, write_train_rows
+from helpers import REPO, assert_same_adapter, free_port, tiny_overrides, train_in_process, write_train_rows
 
 # A constant schedule: the learning rate of a step does not depend on trainer.max_steps, so a run stopped after 2
 # steps and resumed to 3 (a length change a resume allows) takes the same steps as a run of 3.
@@ -47,19 +47,6 @@ def two_machines(args: list[str], cwd: Path, timeout: float = 300) -> None:
                 machine.kill()
     for rank, (machine, output) in enumerate(zip(machines, outputs)):
         assert machine.returncode == 0, f"machine {rank} failed:\n{output[-4000:]}"
-
-
-def assert_same_adapter(one: Path, two: Path) -> None:
-    """Deltas within 1e-4 of their scale (gloo's all-reduce sums in another order than accumulation does), the
-    selected columns identical."""
-    a, b = deltas(one), deltas(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        if name.endswith("delta"):
-            scale = a[name].abs().max()
-            assert scale > 0 and (a[name] - b[name]).abs().max() <= 1e-4 * scale, name
-        else:
-            assert a[name].equal(b[name]), name
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_llama
-from test_preference import TARGETS, pair_rows
+from helpers import pair_rows, tiny_llama
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # the layers test_preference.py adapts too
 
 from neuroada_cli import NeuroAdaConfig, NeuroAdaPeftConfig, inject
 from neuroada_cli.data.preference import check_rows, tokenize_pairs

@@ -219,31 +219,14 @@ def test_two_processes_packed_equal_one_process_unpacked(tiny_llama_dir, tmp_pat
 def test_packed_resume_after_sigkill_is_bitwise_identical(tiny_llama_dir, tmp_path):
     """The packed plan is a pure function of the step: a run killed after a checkpoint and resumed ends with the
     adapter and losses of an uninterrupted packed run (~1.5 min)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from helpers import REPO, cli, deltas, tiny_overrides, write_train_rows
+    from helpers import cli, deltas, kill_after_first_checkpoint, tiny_overrides, write_train_rows
 
     common = [o for o in tiny_overrides(tiny_llama_dir, write_train_rows(tmp_path / "data"), tmp_path, steps=30)
               if not o.startswith(("trainer.output_dir", "trainer.checkpoint_every"))]
     common += ["trainer.checkpoint_every=4", "data.packing=true", "trainer.cross_entropy=chunked"]
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     cli("train", *common, f"trainer.output_dir={reference}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "neuroada_cli", "train", *common,
-                                f"trainer.output_dir={interrupted}"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list((interrupted / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_first_checkpoint(common, interrupted, timeout=300)
     cli("train", *common, f"trainer.output_dir={interrupted}", "trainer.resume=true")
     assert json.loads((interrupted / "run.json").read_text())["resumed_from_step"]
     a, b = deltas(reference), deltas(interrupted)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tokenizer, tiny_llama, write_jsonl
+from helpers import make_tokenizer, pair_rows, tiny_llama, write_jsonl
 
 from neuroada_cli import NeuroAdaConfig, inject
 from neuroada_cli.data.preference import check_rows, llm_adapters_pairs, tokenize_pairs
@@ -24,13 +24,6 @@ from neuroada_cli.kinds.preference import (
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
           "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-
-
-def pair_rows(n: int = 8) -> list[dict]:
-    words = ["the quick brown fox", "jumps over the lazy dog", "a man is playing a guitar", "the answer is 12"]
-    return [{"prompt": f"Please choose the correct answer to the question: {words[i % 4]} {i}\n",
-             "chosen": "the correct answer is true", "rejected": f"the correct answer is {['false', 'option2'][i % 2]}"}
-            for i in range(n)]
 
 
 def train_dpo(overrides: list[str]):

@@ -3,12 +3,7 @@ method and task-kind tables, resume after SIGKILL."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +12,7 @@ import torch
 from neuroada_cli.data.batching import BatchPlan, split_global_batch
 from neuroada_cli.errors import UserError
 
-from helpers import REPO, cli, deltas, tiny_llama, tiny_overrides, train_in_process, write_train_rows
+from helpers import cli, deltas, kill_after_first_checkpoint, tiny_llama, tiny_overrides, train_in_process, write_train_rows
 
 
 @pytest.fixture
@@ -246,18 +241,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny_llama_dir, data_dir, tmp
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     cli("train", *common, f"trainer.output_dir={reference}")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "neuroada_cli", "train", *common,
-                                f"trainer.output_dir={interrupted}"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((interrupted / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_first_checkpoint(common, interrupted, timeout=120)
     assert not (interrupted / "run.json").exists()
 
     cli("train", *common, f"trainer.output_dir={interrupted}", "trainer.resume=true")
