@@ -97,6 +97,17 @@ def _text(row: dict, column: str, number: int, label: str, required: bool = True
     return str(value)
 
 
+def read_turn(turn) -> tuple[str | None, object, object]:
+    """(role, content, speaker as written) of one chat turn, OpenAI (role/content) or ShareGPT (from/value); the
+    role is None when the speaker is not one of ROLE_NAMES."""
+    # datasets unifies the turn schema of a file, so an absent key reads as None
+    turn = turn if isinstance(turn, dict) else {}
+    speaker = turn.get("role") if turn.get("role") is not None else turn.get("from")
+    content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+    role = ROLE_NAMES.get(str(speaker).lower()) if speaker is not None else None
+    return role, content, speaker
+
+
 def chat_messages(row: dict, number: int, label: str) -> list[dict]:
     """``[{"role", "content"}]`` of one chat row; ShareGPT names mapped; UserError without an assistant turn."""
     turns = row.get("messages") if row.get("messages") is not None else row.get("conversations")
@@ -104,11 +115,7 @@ def chat_messages(row: dict, number: int, label: str) -> list[dict]:
         raise UserError(f"{label}: row {number} has no list of messages; give each row a non-empty 'messages' list")
     messages = []
     for turn in turns:
-        # datasets unifies the turn schema of a file, so an absent key reads as None
-        turn = turn if isinstance(turn, dict) else {}
-        speaker = turn.get("role") if turn.get("role") is not None else turn.get("from")
-        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-        role = ROLE_NAMES.get(str(speaker).lower()) if speaker is not None else None
+        role, content, speaker = read_turn(turn)
         if role is None:
             raise UserError(f"{label}: row {number} has a message with role {speaker!r}; use user, assistant or "
                             "system (ShareGPT: human, gpt, system)")

@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
-from .formats import ROLE_NAMES
+from .formats import read_turn
 from .prompts import build_prompt
 from .tokenize import common_prefix
 
@@ -108,15 +108,12 @@ def _layout(value) -> str | None:
 
 
 def _messages(value, where: str, column: str) -> list[dict]:
-    """``[{"role", "content"}]`` with ShareGPT speaker names mapped (data/formats.py's table)."""
+    """``[{"role", "content"}]`` with ShareGPT speaker names mapped (data/formats.read_turn)."""
     if not isinstance(value, list):
         raise UserError(f"{where}: column {column!r} is not a list of messages; fix or remove that row")
     messages = []
     for turn in value:
-        turn = turn if isinstance(turn, dict) else {}
-        speaker = turn.get("role") if turn.get("role") is not None else turn.get("from")
-        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-        role = ROLE_NAMES.get(str(speaker).lower()) if speaker is not None else None
+        role, content, _ = read_turn(turn)
         if role is None or not isinstance(content, str):
             raise UserError(f"{where}: {column} has a message without a known role (user, assistant, system) and "
                             "text content; fix or remove that row")
